@@ -1,0 +1,216 @@
+"""``coordinator``: the command line. Heavy modules load lazily so ``--help`` is instant."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from .errors import ExitCode, LockstepError
+
+DEFAULT_ORDER = ["weights", "forward"]
+
+
+def _console():
+    from rich.console import Console
+    return Console(highlight=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """lockstep: prove a PyTorch -> PaddlePaddle migration behaves like the original.
+
+    Each framework runs in its own environment and process; the coordinator drives
+    both in lockstep over ZeroMQ and diffs tensors as they arrive.
+    """
+
+
+# -- envs --------------------------------------------------------------------------------
+@main.group()
+def envs() -> None:
+    """Build and inspect the worker environments."""
+
+
+@envs.command("create")
+@click.argument("names", nargs=-1)
+@click.option("--env-set", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
+@click.option("--force", is_flag=True, help="rebuild even if the environment exists")
+def envs_create(names: tuple[str, ...], env_set: str, force: bool) -> None:
+    """Create the torch and paddle environments (idempotent; cached outside the repo)."""
+    from . import envs as E
+    try:
+        for name in names or tuple(E.WORKERS):
+            spec = E.env_spec(name, env_set)
+            took = E.create(spec, force=force, progress=lambda s: click.echo(s))
+            if not took:
+                click.echo(f"[{name}] already built: {spec.python}")
+    except LockstepError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+
+
+@envs.command("check")
+@click.option("--env-set", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
+def envs_check(env_set: str) -> None:
+    """Print each environment's interpreter, framework versions and devices."""
+    from . import envs as E
+    code = 0
+    for name in E.WORKERS:
+        spec = E.env_spec(name, env_set)
+        try:
+            info = E.check(spec)
+            click.echo(f"{name}: {info.pop('interpreter')}")
+            for k, v in info.items():
+                click.echo(f"  {k}: {v}")
+        except LockstepError as exc:
+            click.echo(f"{name}: {exc}", err=True)
+            code = exc.exit_code
+    sys.exit(code)
+
+
+# -- run ---------------------------------------------------------------------------------
+def _parse_steps(text: str) -> list[str]:
+    from .steps import STEPS
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    if "all" in names:
+        return list(STEPS)
+    return names
+
+
+def _worker_specs(opts, no_create: bool, say) -> dict:
+    from . import envs as E
+    from .session import WorkerSpec
+    specs = {}
+    for name in ("torch", "paddle"):
+        override = os.environ.get(f"LOCKSTEP_WORKER_ARGV_{name.upper()}")
+        env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GLOG_minloglevel": "2",
+               "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+        device = opts.torch_device if name == "torch" else opts.paddle_device
+        env.update(_device_env(name, device))
+        threads = opts.threads or (os.cpu_count() or 1)
+        env.update({"LOCKSTEP_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
+                    "MKL_NUM_THREADS": str(threads)})
+        if override:
+            argv = json.loads(override)
+        else:
+            spec = E.env_spec(name, opts.env_set)
+            if not spec.ready():
+                if no_create:
+                    E.require_ready(spec)
+                say(f"the {name} environment is not built yet: creating it (one time, a few minutes)")
+                E.create(spec, progress=say)
+            site = E.worker_site(opts.out, spec.worker_package)
+            env["PYTHONPATH"] = str(site)
+            argv = [str(spec.python), "-m", spec.worker_package]
+        specs[name] = WorkerSpec(name, argv, env, framework=None if override else name)
+    return specs
+
+
+def _device_env(name: str, device: str) -> dict[str, str]:
+    """Pin a local worker to one GPU: it sees only that device, as its device 0."""
+    if device == "cpu":
+        return {"LOCKSTEP_DEVICE": "cpu", "CUDA_VISIBLE_DEVICES": ""}
+    kind, _, idx = device.partition(":")
+    local = "cuda:0" if name == "torch" else "gpu:0"
+    return {"LOCKSTEP_DEVICE": local, "CUDA_VISIBLE_DEVICES": idx or "0", "NVIDIA_TF32_OVERRIDE": "0",
+            "FLAGS_cudnn_deterministic": "1", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+
+
+@main.command()
+@click.option("--steps", default="all", show_default=True, help="comma list of steps, or 'all'")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="run directory (default runs/<timestamp>)")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--torch-model", default="minilm", show_default=True, help="preset (minilm, bert)")
+@click.option("--paddle-model", default="minilm", show_default=True, help="preset (minilm, bert)")
+@click.option("--model-path", default=None, help="checkpoint directory for the 'bert' preset")
+@click.option("--mapping", default=None, help="weight mapping TOML file or built-in name (default: bert)")
+@click.option("--paddle-inject", multiple=True, help="deliberate porting bug for a negative control, "
+              "e.g. ln_eps:3:1e-5, gelu_tanh:2")
+@click.option("--forward-threshold", type=float, default=None, help="forward tolerance (default 1e-5)")
+@click.option("--diff-method", type=click.Choice(["max", "mean"]), default=None,
+              help="statistic for the forward verdict (default max)")
+@click.option("--schedule", type=click.Choice(["auto", "parallel", "alternate"]), default="auto", show_default=True)
+@click.option("--threads", default=0, help="threads per worker (default: all cores)")
+@click.option("--env-set", type=click.Choice(["cpu", "gpu"]), default=None, help="default: gpu if a device is a GPU")
+@click.option("--torch-device", default="cpu", show_default=True, help="cpu or cuda:N")
+@click.option("--paddle-device", default="cpu", show_default=True, help="cpu or gpu:N")
+@click.option("--allow-shared-gpu", is_flag=True, help="let both workers use the same GPU")
+@click.option("--fail-fast", is_flag=True, help="stop at the first failing step")
+@click.option("--no-create", is_flag=True, help="fail instead of building missing environments")
+@click.option("--timeout", type=float, default=None, help="per-op deadline in seconds (default generous per op)")
+def run(**kw) -> None:
+    """Drive both workers through the steps in lockstep; exit 0 when aligned."""
+    from .compare import Tolerance
+    from .runner import RunOptions
+    from .runner import run as do_run
+
+    console = _console()
+    say = lambda s: console.print(s, markup=False)  # noqa: E731
+    try:
+        steps = _parse_steps(kw["steps"])
+        out = kw["out"] or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        if out.exists() and any(out.iterdir()) and (out / "summary.json").exists():
+            out = out / time.strftime("%H%M%S")
+        tol = {}
+        if kw["forward_threshold"] is not None or kw["diff_method"]:
+            tol["forward"] = Tolerance(kw["forward_threshold"] if kw["forward_threshold"] is not None else 1e-5,
+                                       kw["diff_method"] or "max")
+        _check_devices(kw["torch_device"], kw["paddle_device"], kw["allow_shared_gpu"])
+        env_set = kw["env_set"] or ("gpu" if kw["torch_device"] != "cpu" or kw["paddle_device"] != "cpu" else "cpu")
+        deadlines = {op: kw["timeout"] for op in ("forward", "get_weights", "set_weights", "load_model")} \
+            if kw["timeout"] else {}
+        opts = RunOptions(steps=steps, out=out.resolve(), seed=kw["seed"], torch_model=kw["torch_model"],
+                          paddle_model=kw["paddle_model"], model_path=kw["model_path"], mapping=kw["mapping"],
+                          paddle_inject=list(kw["paddle_inject"]), tolerances=tol, schedule=kw["schedule"],
+                          threads=kw["threads"], env_set=env_set, torch_device=kw["torch_device"],
+                          paddle_device=kw["paddle_device"], fail_fast=kw["fail_fast"], deadlines=deadlines)
+        opts.out.mkdir(parents=True, exist_ok=True)
+        say(f"lockstep run -> {opts.out}")
+        specs = _worker_specs(opts, kw["no_create"], say)
+        header = {"options": _options_json(opts)}
+        code, summary = do_run(opts, specs, say, header=header)
+        _print_table(console, summary.data)
+        say(f"verdict: {ExitCode.DESCRIPTIONS.get(code, code)}  (exit {code}; report {opts.out / 'summary.json'})")
+        sys.exit(code)
+    except LockstepError as exc:
+        console.print(f"error: {exc}", markup=False, style="red")
+        console.print(f"exit {exc.exit_code}: {ExitCode.DESCRIPTIONS.get(exc.exit_code, '')}", markup=False)
+        sys.exit(exc.exit_code)
+
+
+def _check_devices(td: str, pd: str, allow_shared: bool) -> None:
+    from .errors import UsageError
+    if td != "cpu" and not td.startswith("cuda"):
+        raise UsageError(f"--torch-device {td!r}: use cpu or cuda:N")
+    if pd != "cpu" and not pd.startswith("gpu"):
+        raise UsageError(f"--paddle-device {pd!r}: use cpu or gpu:N")
+    if td != "cpu" and pd != "cpu" and td.partition(":")[2] == pd.partition(":")[2] and not allow_shared:
+        raise UsageError(f"both workers would share GPU {td.partition(':')[2]}: pin them to different GPUs "
+                         f"or pass --allow-shared-gpu")
+
+
+def _options_json(opts) -> dict:
+    d = {k: v for k, v in vars(opts).items() if k not in ("worker_argv", "worker_env")}
+    d["out"] = str(opts.out)
+    d["tolerances"] = {k: v.describe() for k, v in opts.tolerances.items()}
+    return d
+
+
+def _print_table(console, data: dict) -> None:
+    from rich.table import Table
+    t = Table(title="lockstep verdict")
+    for col in ("step", "verdict", "worst diff", "tolerance", "seconds", "note"):
+        t.add_column(col)
+    for s in data.get("steps", []):
+        worst = s.get("worst")
+        t.add_row(s["name"], s["status"].upper(), "-" if worst is None else f"{worst:.3e}", s.get("tolerance", ""),
+                  f"{s.get('seconds', 0):.1f}", (s.get("message") or "")[:90])
+    console.print(t)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Tensor comparison that never lies: shapes first, no broadcasting, NaN never passes.
+
+``compare(name, ref, got, tol)`` returns a ``TensorDiff`` with max/mean/min absolute
+and max relative error, and a verdict on the statistic named by ``tol.method``
+(reprod_log's ``mean`` by default, ``max`` for the stricter checks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from protocol.codec import BFloat16
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    threshold: float = 1e-6
+    method: str = "mean"   # mean | max | min, as in reprod_log's report
+
+    def describe(self) -> str:
+        return f"{self.method} <= {self.threshold:g}"
+
+
+@dataclass
+class TensorDiff:
+    name: str
+    passed: bool
+    reason: str = ""
+    shape: tuple = ()
+    dtype: str = ""
+    max_abs: float = float("nan")
+    mean_abs: float = float("nan")
+    min_abs: float = float("nan")
+    max_rel: float = float("nan")
+    value: float = float("nan")           # the statistic the verdict was taken on
+    worst_index: tuple | None = None      # position of the largest absolute difference
+    tolerance: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        for k in ("max_abs", "mean_abs", "min_abs", "max_rel", "value"):
+            v = d[k]
+            d[k] = None if v is None or not np.isfinite(v) else float(v)
+            if v is not None and not np.isfinite(v):
+                d[k + "_text"] = str(v)
+        d["shape"] = list(self.shape)
+        d["worst_index"] = list(self.worst_index) if self.worst_index is not None else None
+        return d
+
+
+def as_array(x: Any) -> np.ndarray:
+    if isinstance(x, BFloat16):
+        return x.to_float32()
+    return np.asarray(x)
+
+
+def _first_nonfinite(a: np.ndarray) -> tuple | None:
+    if a.dtype.kind != "f":
+        return None
+    bad = ~np.isfinite(a)
+    if not bad.any():
+        return None
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), a.shape)) if a.ndim else ()
+
+
+def compare(name: str, ref: Any, got: Any, tol: Tolerance = Tolerance(), ref_side: str = "torch",
+            got_side: str = "paddle") -> TensorDiff:
+    a, b = as_array(ref), as_array(got)
+    base = dict(name=name, shape=tuple(a.shape), dtype=str(a.dtype), tolerance=tol.describe())
+    if a.shape != b.shape:
+        return TensorDiff(passed=False, reason=f"shape mismatch: {ref_side} {tuple(a.shape)} vs "
+                          f"{got_side} {tuple(b.shape)}", **base)
+    if a.dtype.kind != b.dtype.kind:
+        return TensorDiff(passed=False, reason=f"dtype mismatch: {ref_side} {a.dtype} vs {got_side} {b.dtype}",
+                          **base)
+    for side, arr in ((ref_side, a), (got_side, b)):
+        pos = _first_nonfinite(arr)
+        if pos is not None:
+            bad = arr[pos] if arr.ndim else arr
+            return TensorDiff(passed=False, reason=f"{bad} in {side} output at index {list(pos)}",
+                              worst_index=pos, **base)
+    if a.size == 0:
+        return TensorDiff(passed=True, max_abs=0.0, mean_abs=0.0, min_abs=0.0, max_rel=0.0, value=0.0, **base)
+    if np.array_equal(a, b):  # fast path: bit-identical needs no float64 pass
+        return TensorDiff(passed=True, max_abs=0.0, mean_abs=0.0, min_abs=0.0, max_rel=0.0, value=0.0, **base)
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    diff = np.abs(a64 - b64)
+    flat_worst = int(np.argmax(diff))
+    max_abs = float(diff.reshape(-1)[flat_worst])
+    mean_abs, min_abs = float(diff.mean()), float(diff.min())
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = diff / np.maximum(np.abs(a64), 1e-12)
+    max_rel = float(rel.max())
+    value = {"mean": mean_abs, "max": max_abs, "min": min_abs}[tol.method]
+    passed = bool(np.isfinite(value) and value <= tol.threshold)
+    worst = tuple(int(i) for i in np.unravel_index(flat_worst, a.shape)) if a.ndim else ()
+    reason = "" if passed else (f"{tol.method} abs diff {value:.3e} > {tol.threshold:g} "
+                                f"(max {max_abs:.3e} at {list(worst)}: {ref_side} {a64.reshape(-1)[flat_worst]:.6g} "
+                                f"vs {got_side} {b64.reshape(-1)[flat_worst]:.6g})")
+    return TensorDiff(passed=passed, reason=reason, max_abs=max_abs, mean_abs=mean_abs, min_abs=min_abs,
+                      max_rel=max_rel, value=value, worst_index=worst, **base)
+
+
+def top_differences(ref: Any, got: Any, k: int = 5) -> list[dict[str, Any]]:
+    """The k positions with the largest absolute difference (for the debugger and reports)."""
+    a, b = as_array(ref).astype(np.float64), as_array(got).astype(np.float64)
+    if a.shape != b.shape or a.size == 0:
+        return []
+    diff = np.abs(a - b).reshape(-1)
+    diff = np.where(np.isnan(diff), np.inf, diff)
+    idx = np.argsort(diff)[::-1][:k]
+    return [{"index": [int(i) for i in np.unravel_index(int(j), a.shape)], "ref": float(a.reshape(-1)[j]),
+             "got": float(b.reshape(-1)[j]), "abs_diff": float(diff[j])} for j in idx]

@@ -1,0 +1,52 @@
+"""reprod_log's file and report formats, written without importing reprod_log.
+
+``import reprod_log`` imports paddle, so the framework-free coordinator writes the
+format itself: ``<step>_<side>.npy`` is ``np.save`` of a dict of arrays (exactly what
+``ReprodLogger.save`` writes), and ``<step>_diff.log`` follows ``ReprodDiffHelper.report``
+line for line. Reading such files back goes through ``safe_npy``, never plain pickle.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from .compare import TensorDiff, as_array
+
+
+def save_npy(path: Path, tensors: dict[str, object]) -> None:
+    """Write a reprod_log-compatible ``.npy`` (a pickled dict of ndarrays) atomically."""
+    data = {k: np.asarray(as_array(v)) for k, v in tensors.items()}
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        np.save(f, data)  # a dict becomes a 0-d object array; reprod_log loads exactly this
+    tmp.replace(path)
+
+
+def format_report(diffs: Iterable[TensorDiff], method: str, threshold: float, now: float | None = None) -> str:
+    """The text ``ReprodDiffHelper.report(diff_method, diff_threshold)`` would log.
+
+    Unlike reprod_log, a NaN/Inf statistic or a shape mismatch reports ``check passed: False``.
+    """
+    stamp = time.strftime("%Y/%m/%d %H:%M:%S", time.localtime(now))
+    prefix = f"[{stamp}] root INFO: "
+    lines = []
+    all_passed = True
+    for d in diffs:
+        lines.append(f"{prefix}{d.name}: ")
+        value = {"mean": d.mean_abs, "max": d.max_abs, "min": d.min_abs}[method]
+        ok = bool(d.passed)  # computed by compare() with this same method and threshold
+        all_passed = all_passed and ok
+        lines.append(f"{prefix}\t{method} diff: check passed: {ok}, value: {value}")
+    lines.append(f"{prefix}diff check {'passed' if all_passed else 'failed'}")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(path: Path, diffs: list[TensorDiff], method: str, threshold: float) -> None:
+    text = format_report(diffs, method, threshold)
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

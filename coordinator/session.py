@@ -1,0 +1,333 @@
+"""Launch workers, handshake, and exchange requests with them over one ROUTER socket.
+
+Only the coordinator binds: an ipc socket inside a private 0700 run directory (or
+a TCP address for remote workers). Workers connect with their name as identity.
+Every wait polls the socket *and* the worker processes, so a dead worker is
+noticed within ``LIVENESS_S`` and reported with its exit code and log tail.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import zmq
+
+from protocol import PROTOCOL_VERSION
+from protocol.codec import Message, decode, encode
+from protocol.errors import ProtocolError, RemoteError
+
+from .errors import ProtocolMismatch, WorkerDied, WorkerFailed, WorkerHung, WorkerStartupError
+
+LIVENESS_S = 0.2
+DEFAULT_DEADLINES = {"hello": 120.0, "load_model": 600.0, "train": 7200.0, "perf": 1800.0}
+DEFAULT_DEADLINE = 900.0
+
+Partial = Callable[[str, Any], None]
+
+
+@dataclass
+class WorkerSpec:
+    """How to start one worker: data, like a jupyter kernel spec."""
+
+    name: str                      # identity on the wire: "torch" or "paddle" (or a fake)
+    argv: list[str]                # absolute interpreter first
+    env: dict[str, str] = field(default_factory=dict)
+    framework: str | None = None   # the framework HELLO must report (None: any)
+
+
+@dataclass
+class WorkerHandle:
+    spec: WorkerSpec
+    proc: subprocess.Popen | None
+    log_path: Path | None
+    hello: dict[str, Any] = field(default_factory=dict)
+    current_op: str | None = None
+    stray_messages: int = 0
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return "(no log)"
+        text = self.log_path.read_text(errors="replace").splitlines()
+        return "\n".join(text[-lines:]) or "(log is empty)"
+
+    def exit_description(self) -> str:
+        code = self.proc.returncode if self.proc else None
+        if code is None:
+            return "still running"
+        if code < 0:
+            try:
+                return f"killed by signal {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exited with code {code}"
+
+
+def private_run_socket(run_dir: Path) -> str:
+    """An ipc endpoint in a 0700 directory; falls back to a short temp dir when the path is too long."""
+    sock_dir = run_dir / ".sock"
+    sock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(sock_dir, 0o700)
+    path = sock_dir / "coordinator"
+    if len(str(path)) > 100:  # ipc paths are limited to ~107 bytes
+        sock_dir = Path(tempfile.mkdtemp(prefix="lockstep-"))
+        path = sock_dir / "c"
+    return f"ipc://{path}"
+
+
+class Session:
+    """One ROUTER, several workers; context manager that always stops the workers."""
+
+    def __init__(self, run_dir: Path, endpoint: str | None = None, deadlines: dict[str, float] | None = None,
+                 server_curve: dict[str, Any] | None = None):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.ctx = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, -1)
+        self.auth = None
+        if server_curve:
+            from .security import start_authenticator
+            self.auth = start_authenticator(self.ctx, server_curve["allowed"])
+            self.sock.curve_server = True
+            self.sock.curve_publickey = server_curve["public"]
+            self.sock.curve_secretkey = server_curve["secret"]
+        self.endpoint = endpoint or private_run_socket(self.run_dir)
+        self.sock.bind(self.endpoint)
+        if self.endpoint.startswith("tcp://") and self.endpoint.endswith(":0"):
+            self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.workers: dict[str, WorkerHandle] = {}
+        self.deadlines = dict(DEFAULT_DEADLINES, **(deadlines or {}))
+        self._ids = itertools.count(1)
+        self._inbox: list[tuple[str, Message]] = []
+        self.discarded = 0
+
+    # -- lifecycle -----------------------------------------------------------------
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def launch(self, spec: WorkerSpec) -> WorkerHandle:
+        """Start a local worker process; its stdout/stderr go to a log file, never a pipe."""
+        log_path = self.run_dir / f"{spec.name}_worker.log"
+        env = dict(os.environ)
+        env.update(spec.env)
+        env["PYTHONUNBUFFERED"] = "1"
+        argv = list(spec.argv) + ["--connect", self.endpoint, "--name", spec.name, "--parent-pid", str(os.getpid())]
+        if not Path(argv[0]).is_absolute() or not Path(argv[0]).exists():
+            raise WorkerStartupError(f"{spec.name} worker: interpreter {argv[0]} does not exist "
+                                     f"(run `coordinator envs create` to build the environment)")
+        logf = open(log_path, "ab", buffering=0)
+        try:
+            proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    env=env, cwd=str(self.run_dir), start_new_session=True)
+        except OSError as exc:
+            raise WorkerStartupError(f"{spec.name} worker could not start {argv[0]}: {exc}") from exc
+        finally:
+            logf.close()
+        handle = WorkerHandle(spec, proc, log_path)
+        self.workers[spec.name] = handle
+        return handle
+
+    def expect_remote(self, spec: WorkerSpec) -> WorkerHandle:
+        """Register a worker started elsewhere (``coordinator worker ... --connect``)."""
+        handle = WorkerHandle(spec, None, None)
+        self.workers[spec.name] = handle
+        return handle
+
+    def wait_hello(self, names: list[str] | None = None, timeout: float | None = None) -> dict[str, dict]:
+        """Wait for every named worker's HELLO; refuse version or framework mismatches."""
+        names = names or list(self.workers)
+        timeout = timeout if timeout is not None else self.deadlines["hello"]
+        pending = set(n for n in names if not self.workers[n].hello)
+        deadline = time.monotonic() + timeout
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                who = ", ".join(sorted(pending))
+                tails = "\n".join(f"--- {n} log tail ---\n{self.workers[n].log_tail()}" for n in sorted(pending))
+                raise WorkerStartupError(f"no HELLO from {who} worker within {timeout:.0f}s\n{tails}")
+            got = self._recv(min(left, LIVENESS_S))
+            if got is None:
+                self._check_alive(pending, op="hello (start-up)", startup=True)
+                continue
+            name, msg = got
+            if msg.kind != "hello":
+                self._stash(name, msg)
+                continue
+            self._accept_hello(name, msg)
+            pending.discard(name)
+        return {n: self.workers[n].hello for n in names}
+
+    def _accept_hello(self, name: str, msg: Message) -> None:
+        handle = self.workers[name]
+        info = msg.body if isinstance(msg.body, dict) else {}
+        theirs = info.get("protocol", msg.version)
+        if msg.version != PROTOCOL_VERSION or theirs != PROTOCOL_VERSION:
+            self._send(name, encode("request", 0, "shutdown", {}))
+            raise ProtocolMismatch(f"{name} worker speaks protocol version {theirs}, the coordinator "
+                                   f"{PROTOCOL_VERSION}; refusing before any weights move "
+                                   f"(reinstall the worker environment: coordinator envs create --force)")
+        want = handle.spec.framework
+        if want and info.get("framework") != want:
+            self._send(name, encode("request", 0, "shutdown", {}))
+            raise WorkerStartupError(f"{name} worker says it runs {info.get('framework')!r}, expected {want!r}: "
+                                     f"check the environment it was started from ({info.get('executable')})")
+        handle.hello = info
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Ask workers to shut down, then terminate, then kill: nothing is left behind."""
+        for name, h in self.workers.items():
+            if h.proc is None or h.proc.poll() is None:
+                try:
+                    self._send(name, encode("request", next(self._ids), "shutdown", {}))
+                except Exception:
+                    pass
+        end = time.monotonic() + timeout
+        for h in self.workers.values():
+            if h.proc is None:
+                continue
+            try:
+                h.proc.wait(max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self._kill(h)
+        if self.auth is not None:
+            self.auth.stop()
+            self.auth = None
+        self.sock.close(0)
+        self.ctx.term()
+
+    def _kill(self, h: WorkerHandle) -> None:
+        if h.proc is None or h.proc.poll() is not None:
+            return
+        h.proc.terminate()
+        try:
+            h.proc.wait(3)
+        except subprocess.TimeoutExpired:
+            h.proc.kill()
+            h.proc.wait(5)
+
+    def stop_worker(self, name: str) -> None:
+        self._kill(self.workers[name])
+
+    # -- requests --------------------------------------------------------------------
+    def request(self, name: str, op: str, body: Any = None, on_partial: Partial | None = None,
+                timeout: float | None = None) -> Any:
+        return self.request_many({name: (op, body)}, on_partial, timeout)[name]
+
+    def request_many(self, calls: dict[str, tuple[str, Any]], on_partial: Partial | None = None,
+                     timeout: float | None = None) -> dict[str, Any]:
+        """Send one request to each named worker at once, gather the replies.
+
+        Partial replies are handed to ``on_partial(worker, body)`` as they arrive.
+        Replies whose request id is not outstanding (stale, duplicate) are discarded.
+        """
+        outstanding: dict[str, int] = {}
+        for name, (op, body) in calls.items():
+            rid = next(self._ids)
+            self._send(name, encode("request", rid, op, body), op=op)
+            outstanding[name] = rid
+            self.workers[name].current_op = op
+        results: dict[str, Any] = {}
+        errors: list[RemoteError] = []
+        deadlines = {n: time.monotonic() + (timeout or self.deadlines.get(calls[n][0], DEFAULT_DEADLINE))
+                     for n in calls}
+        while outstanding:
+            got = self._next_for(outstanding)
+            if got is None:
+                self._check_alive(set(outstanding), op=None)
+                now = time.monotonic()
+                for n in list(outstanding):
+                    if now > deadlines[n]:
+                        self._hung(n, calls[n][0], timeout or self.deadlines.get(calls[n][0], DEFAULT_DEADLINE))
+                continue
+            name, msg = got
+            if msg.kind == "partial":
+                if on_partial:
+                    on_partial(name, msg.body)
+                continue
+            del outstanding[name]
+            self.workers[name].current_op = None
+            if msg.kind == "error":
+                errors.append(RemoteError.from_body(msg.body))
+            else:
+                results[name] = msg.body
+        if errors:
+            raise WorkerFailed(errors[0])
+        return results
+
+    def _next_for(self, outstanding: dict[str, int]) -> tuple[str, Message] | None:
+        for i, (name, msg) in enumerate(self._inbox):
+            if outstanding.get(name) == msg.id:
+                return self._inbox.pop(i)
+        got = self._recv(LIVENESS_S)
+        if got is None:
+            return None
+        name, msg = got
+        if msg.kind == "error" and msg.id == -1:
+            # the worker could not parse something we sent: a protocol failure, not an op failure
+            raise ProtocolMismatch(f"{name} worker rejected a message: {RemoteError.from_body(msg.body).message}")
+        if outstanding.get(name) != msg.id or msg.kind == "hello":
+            self.discarded += 1  # stale or duplicate reply, or one for a request we gave up on
+            return None
+        return got
+
+    def _stash(self, name: str, msg: Message) -> None:
+        self._inbox.append((name, msg))
+
+    def _send(self, name: str, frames: list, op: str = "?") -> None:
+        try:
+            self.sock.send_multipart([name.encode(), *frames], copy=False)
+        except zmq.ZMQError as exc:
+            if exc.errno == zmq.EHOSTUNREACH:
+                self._check_alive({name}, op=op)
+                raise WorkerDied(f"{name} worker is not connected (op {op!r})") from None
+            raise
+
+    def _recv(self, timeout_s: float) -> tuple[str, Message] | None:
+        if not self.sock.poll(int(timeout_s * 1000)):
+            return None
+        frames = self.sock.recv_multipart(copy=False)
+        ident = bytes(frames[0].buffer).decode("utf-8", "replace")
+        if ident not in self.workers:
+            self.discarded += 1
+            return None
+        try:
+            return ident, decode(frames[1:])
+        except ProtocolError as exc:
+            self.workers[ident].stray_messages += 1
+            raise ProtocolMismatch(f"{ident} worker sent a malformed message: {exc}") from None
+
+    def _check_alive(self, names: set[str], op: str | None, startup: bool = False) -> None:
+        for n in sorted(names):
+            h = self.workers[n]
+            if h.proc is not None and h.proc.poll() is not None:
+                what = op or h.current_op or "?"
+                others = [o for o in self.workers if o != n]
+                for o in others:
+                    self._kill(self.workers[o])
+                cls = WorkerStartupError if startup else WorkerDied
+                raise cls(f"{n} worker {h.exit_description()} during {what}"
+                          f"{' before HELLO' if startup else ''}; log {h.log_path}:\n{h.log_tail()}")
+
+    def _hung(self, name: str, op: str, limit: float) -> None:
+        h = self.workers[name]
+        if h.proc is not None and h.proc.poll() is None and hasattr(signal, "SIGUSR1"):
+            os.kill(h.proc.pid, signal.SIGUSR1)  # faulthandler dumps every thread's stack to the log
+            time.sleep(0.5)
+        for w in self.workers.values():
+            self._kill(w)
+        raise WorkerHung(f"{name} worker did not answer op {op!r} within {limit:.0f}s; stopped it. "
+                         f"Its stacks (log {h.log_path}):\n{h.log_tail(60)}")

@@ -1,0 +1,105 @@
+"""Helpers every step uses: load + convert models once, generate inputs, write reprod_log files."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..compare import TensorDiff, Tolerance, compare
+from ..mapping import WeightMap
+from ..reprodlog import save_npy, write_report
+from ..runner import RunContext, StepResult
+
+
+def model_body(rc: RunContext, side: str) -> dict[str, Any]:
+    o = rc.opts
+    body: dict[str, Any] = {"preset": o.torch_model if side == "torch" else o.paddle_model, "seed": o.seed,
+                            "num_labels": 2}
+    if o.model_path:
+        body["path"] = o.model_path
+    if side == "paddle":
+        body["inject"] = list(o.paddle_inject)
+    return body
+
+
+def ensure_loaded(rc: RunContext) -> None:
+    """Load the torch model, then build the paddle twin from torch's config."""
+    if rc.model_info:
+        return
+    rc.say("  loading models ...")
+    tinfo = rc.session.request("torch", "load_model", model_body(rc, "torch"))
+    pbody = model_body(rc, "paddle")
+    pbody["config"] = tinfo.get("config")
+    pinfo = rc.session.request("paddle", "load_model", pbody)
+    rc.model_info = {"torch": tinfo, "paddle": pinfo}
+
+
+def ensure_converted(rc: RunContext) -> dict[str, np.ndarray]:
+    """Convert torch weights into paddle's layout and push them; returns the converted dict."""
+    if "converted" in rc.cache:
+        return rc.cache["converted"]
+    ensure_loaded(rc)
+    tinfo = rc.model_info["torch"]
+    mapping = rc.opts.mapping or tinfo.get("default_mapping") or "bert"
+    rc.weight_map = WeightMap.load(mapping)
+    torch_sd = rc.session.request("torch", "get_weights", {})
+    specs = rc.session.request("paddle", "weight_specs", {})
+    converted, records = rc.weight_map.convert(torch_sd, {k: (v[0], v[1]) for k, v in specs.items()})
+    rc.session.request("paddle", "set_weights", converted)
+    rc.conversions = records
+    rc.cache["converted"] = converted
+    rc.cache["torch_weights"] = torch_sd
+    return converted
+
+
+def gen_inputs(rc: RunContext, seed_offset: int = 0) -> dict[str, np.ndarray]:
+    """Inputs generated once from the seed by the coordinator and sent byte-identical to both sides."""
+    tinfo = rc.model_info["torch"]
+    rng = np.random.RandomState(rc.opts.seed + seed_offset)
+    out = {}
+    for spec in tinfo.get("inputs") or default_bert_inputs(tinfo):
+        shape, dtype = tuple(spec["shape"]), np.dtype(spec.get("dtype", "float32"))
+        if spec.get("fill") is not None:
+            out[spec["name"]] = np.full(shape, spec["fill"], dtype)
+        elif dtype.kind in "iu":
+            out[spec["name"]] = rng.randint(spec.get("low", 0), spec.get("high", 2), shape).astype(dtype)
+        else:
+            out[spec["name"]] = rng.standard_normal(shape).astype(dtype)
+    return out
+
+
+def default_bert_inputs(tinfo: dict) -> list[dict]:
+    vocab = int(tinfo.get("config", {}).get("vocab_size", 30522))
+    return [{"name": "input_ids", "shape": [4, 64], "dtype": "int64", "low": 1, "high": vocab},
+            {"name": "token_type_ids", "shape": [4, 64], "dtype": "int64", "fill": 0},
+            {"name": "attention_mask", "shape": [4, 64], "dtype": "int64", "fill": 1}]
+
+
+def diff_dicts(torch_d: dict[str, Any], paddle_d: dict[str, Any], tol: Tolerance) -> list[TensorDiff]:
+    diffs = []
+    for key in torch_d:
+        if key not in paddle_d:
+            diffs.append(TensorDiff(key, False, reason=f"{key!r} missing on the paddle side"))
+        else:
+            diffs.append(compare(key, torch_d[key], paddle_d[key], tol))
+    for key in paddle_d:
+        if key not in torch_d:
+            diffs.append(TensorDiff(key, False, reason=f"{key!r} missing on the torch side"))
+    return diffs
+
+
+def finish(rc: RunContext, step: str, torch_d: dict[str, Any], paddle_d: dict[str, Any],
+           diffs: list[TensorDiff], tol: Tolerance, details: dict[str, Any] | None = None,
+           extra_fail: str = "") -> StepResult:
+    """Write <step>_torch.npy, <step>_paddle.npy, <step>_diff.log and build the result."""
+    save_npy(rc.out / f"{step}_torch.npy", torch_d)
+    save_npy(rc.out / f"{step}_paddle.npy", paddle_d)
+    write_report(rc.out / f"{step}_diff.log", diffs, tol.method, tol.threshold)
+    passed = all(d.passed for d in diffs) and not extra_fail
+    finite = [d.value for d in diffs if d.value == d.value]
+    worst = max(finite) if finite else None
+    failing = [d for d in diffs if not d.passed]
+    msg = extra_fail or (f"{len(failing)}/{len(diffs)} tensors exceed {tol.describe()}; first: "
+                         f"{failing[0].name}: {failing[0].reason}" if failing else f"{len(diffs)} tensors within {tol.describe()}")
+    return StepResult(step, passed, worst, tol.describe(), msg, diffs, details or {})

@@ -1,0 +1,107 @@
+"""PaddlePaddle adapter: PaddleNLP models behind the worker interface."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+import numpy as np
+import paddle
+
+from protocol.adapter import Adapter
+from protocol.codec import BFloat16
+
+
+def to_numpy(t: Any) -> Any:
+    if t.dtype == paddle.bfloat16:
+        return BFloat16(np.array(t.view(paddle.uint16).numpy() if hasattr(t, "view") else t.numpy(), copy=True))
+    return np.array(t.numpy(), copy=True)
+
+
+def from_numpy(a: Any) -> Any:
+    if isinstance(a, BFloat16):
+        return paddle.to_tensor(a.to_float32()).astype("bfloat16")
+    return paddle.to_tensor(np.array(a, copy=True))
+
+
+def _configure() -> tuple[str, int]:
+    device = os.environ.get("LOCKSTEP_DEVICE", "cpu")
+    n = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)  # set by the launcher before paddle loads
+    if device.startswith("gpu"):
+        paddle.set_flags({"FLAGS_cudnn_deterministic": True})
+    paddle.set_device(device)
+    return device, n
+
+
+class PaddleAdapter(Adapter):
+    framework = "paddle"
+
+    def __init__(self) -> None:
+        self.device, self.threads = _configure()
+        self.model: Any = None
+        self.model_info: dict[str, Any] = {}
+
+    def hello(self) -> dict[str, Any]:
+        import paddlenlp
+        info = {"framework": "paddle", "framework_version": paddle.__version__,
+                "libraries": {"paddlenlp": paddlenlp.__version__, "numpy": np.__version__},
+                "device": self.device, "threads": self.threads, "platform": platform.platform(),
+                "cuda_available": paddle.device.is_compiled_with_cuda()}
+        if self.device.startswith("gpu"):
+            try:
+                props = paddle.device.cuda.get_device_properties()
+                info["device_name"] = props.name
+                info["device_memory"] = int(props.total_memory)
+            except Exception as exc:  # report, don't fail the handshake
+                info["device_error"] = str(exc)
+            info["deterministic"] = {"FLAGS_cudnn_deterministic": True,
+                                     "NVIDIA_TF32_OVERRIDE": os.environ.get("NVIDIA_TF32_OVERRIDE")}
+        return info
+
+    def op_load_model(self, body: dict, ctx: Any) -> dict:
+        from . import models
+        self.model, self.model_info = models.load(body)
+        self.model.eval()
+        return self.model_info
+
+    def _need_model(self) -> Any:
+        if self.model is None:
+            raise RuntimeError("no model loaded: send load_model first")
+        return self.model
+
+    def op_weight_specs(self, body: dict, ctx: Any) -> dict:
+        sd = self._need_model().state_dict()
+        return {k: [list(v.shape), str(v.dtype).replace("paddle.", "")] for k, v in sd.items()}
+
+    def op_get_weights(self, body: dict, ctx: Any) -> dict:
+        sd = self._need_model().state_dict()
+        keys = body.get("keys") or list(sd)
+        return {k: to_numpy(sd[k]) for k in keys}
+
+    def op_set_weights(self, body: dict, ctx: Any) -> dict:
+        sd = self._need_model().state_dict()
+        unknown = [k for k in body if k not in sd]
+        if unknown:
+            raise KeyError(f"paddle model has no parameter(s) {unknown[:5]}")
+        for k, v in body.items():
+            arr = v.to_float32() if isinstance(v, BFloat16) else np.asarray(v)
+            if tuple(arr.shape) != tuple(sd[k].shape):
+                raise ValueError(f"{k}: got shape {tuple(arr.shape)}, model has {tuple(sd[k].shape)}")
+            sd[k].set_value(arr.astype(str(sd[k].dtype).replace("paddle.", "")) if not isinstance(v, BFloat16) else arr)
+        return {"set": len(body)}
+
+    def op_save_weights(self, body: dict, ctx: Any) -> dict:
+        """Write the converted state dict as a .pdparams that paddle.load reads."""
+        path = body["path"]
+        paddle.save(self._need_model().state_dict(), path)
+        return {"path": path, "bytes": os.path.getsize(path)}
+
+    def op_forward(self, body: dict, ctx: Any) -> dict:
+        from . import models
+        model = self._need_model()
+        model.eval()
+        inputs = {k: from_numpy(v) for k, v in body["inputs"].items()}
+        with paddle.no_grad():
+            out = models.forward(model, self.model_info, inputs)
+        return {k: to_numpy(v) for k, v in out.items()}

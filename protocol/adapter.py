@@ -1,0 +1,64 @@
+"""The one interface every framework worker implements.
+
+A worker adapter is a class whose ``op_<name>`` methods are the ops it serves;
+``handlers()`` turns them into the ``op -> handler`` table that ``protocol.worker.serve``
+dispatches on. Each op takes the request body (a dict of plain data and numpy arrays)
+and returns the reply body. Adapters must return arrays they own (copies), because
+replies are sent zero-copy and a later op may mutate framework tensors in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any, Callable
+
+from .worker import RequestContext, serve
+
+
+class Adapter:
+    framework: str = "?"
+
+    def hello(self) -> dict[str, Any]:
+        """Versions and device, sent once in the HELLO handshake."""
+        raise NotImplementedError
+
+    def handlers(self) -> dict[str, Callable[[Any, RequestContext], Any]]:
+        table = {}
+        for attr in dir(self):
+            if attr.startswith("op_"):
+                table[attr[3:]] = getattr(self, attr)
+        return table
+
+
+def main(adapter_factory: Callable[[], Adapter], name: str) -> int:
+    """Shared ``python -m <worker>`` entry point: parse args, build the adapter, serve."""
+    parser = argparse.ArgumentParser(prog=f"{name}_worker")
+    parser.add_argument("--connect", required=True, help="coordinator endpoint (ipc://... or tcp://...)")
+    parser.add_argument("--name", default=name)
+    parser.add_argument("--parent-pid", type=int, default=None,
+                        help="exit when this process (the local coordinator) is gone")
+    parser.add_argument("--curve-keys", default=None,
+                        help="file (0600) with this worker's public/secret key and the server's public key")
+    args = parser.parse_args()
+    curve = _read_curve_file(args.curve_keys) if args.curve_keys else None
+    adapter = adapter_factory()
+    return serve(args.name, args.connect, adapter.handlers(), adapter.hello(), curve=curve,
+                 parent_pid=args.parent_pid)
+
+
+def _read_curve_file(path: str) -> dict[str, bytes]:
+    """Read ``public=…``, ``secret=…``, ``server=…`` lines (z85). '-' reads stdin."""
+    text = sys.stdin.read() if path == "-" else open(path).read()
+    if path != "-" and os.stat(path).st_mode & 0o077:
+        raise SystemExit(f"key file {path} must not be readable by group/others (chmod 600)")
+    keys: dict[str, bytes] = {}
+    for line in text.splitlines():
+        if "=" in line and not line.lstrip().startswith("#"):
+            k, v = line.split("=", 1)
+            keys[k.strip()] = v.strip().encode()
+    missing = {"public", "secret", "server"} - set(keys)
+    if missing:
+        raise SystemExit(f"key file {path} lacks {', '.join(sorted(missing))}")
+    return keys

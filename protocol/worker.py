@@ -1,0 +1,126 @@
+"""The generic worker loop: connect, say HELLO, then answer requests from an op table.
+
+A worker is a DEALER that *connects* to the coordinator's ROUTER (only the
+coordinator binds). Each request is answered by zero or more ``partial`` messages
+(streamed while the op runs, same request id) and then exactly one ``reply`` or
+``error``. Malformed input is answered with an error and counted, never fatal.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import sys
+import time
+from typing import Any, Callable
+
+import zmq
+
+from . import PROTOCOL_VERSION
+from .codec import decode, encode
+from .errors import ProtocolError, RemoteError
+
+Handler = Callable[[Any, "RequestContext"], Any]
+
+
+class RequestContext:
+    """Handed to every handler so it can stream partial results of the running request."""
+
+    def __init__(self, sock: zmq.Socket, req_id: int, op: str):
+        self._sock, self.id, self.op = sock, req_id, op
+        self.partials = 0
+
+    def partial(self, body: Any) -> None:
+        """Send one partial reply now (e.g. one layer's output as soon as it exists)."""
+        self._sock.send_multipart(encode("partial", self.id, self.op, body), copy=False)
+        self.partials += 1
+
+
+class _Shutdown(Exception):
+    pass
+
+
+def _parent_gone(parent_pid: int | None) -> bool:
+    if not parent_pid:
+        return False
+    if os.getppid() != parent_pid:
+        return True
+    return False
+
+
+def serve(name: str, endpoint: str, handlers: dict[str, Handler], hello: dict[str, Any],
+          curve: dict[str, bytes] | None = None, parent_pid: int | None = None) -> int:
+    """Run the worker until a ``shutdown`` request, or the parent coordinator dies.
+
+    ``curve`` (optional) holds ``public``, ``secret`` and ``server`` keys (z85 bytes)
+    for an encrypted, authenticated TCP connection.
+    """
+    if hasattr(signal, "SIGUSR1"):
+        # The coordinator sends SIGUSR1 to a hung worker to get its Python stacks in the log.
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.setsockopt(zmq.IDENTITY, name.encode())
+    if curve:
+        sock.curve_publickey = curve["public"]
+        sock.curve_secretkey = curve["secret"]
+        sock.curve_serverkey = curve["server"]
+    sock.connect(endpoint)
+    info = dict(hello, protocol=PROTOCOL_VERSION, worker=name, pid=os.getpid(),
+                executable=sys.executable, python=sys.version.split()[0])
+    sock.send_multipart(encode("hello", 0, "hello", info))
+    counters = {"requests": 0, "malformed": 0}
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    try:
+        while True:
+            if not poller.poll(500):
+                if _parent_gone(parent_pid):
+                    print(f"[{name}] coordinator (pid {parent_pid}) is gone; exiting", file=sys.stderr, flush=True)
+                    return 3
+                continue
+            frames = sock.recv_multipart(copy=False)
+            try:
+                msg = decode(frames)
+                if msg.kind != "request":
+                    raise ProtocolError(f"workers only take requests, got {msg.kind!r}")
+                if msg.version != PROTOCOL_VERSION:
+                    raise ProtocolError(f"protocol version {msg.version} != worker's {PROTOCOL_VERSION}")
+            except ProtocolError as exc:
+                counters["malformed"] += 1
+                err = RemoteError("ProtocolError", str(exc), "", name, "?")
+                sock.send_multipart(encode("error", -1, "?", err.to_body()))
+                continue
+            counters["requests"] += 1
+            try:
+                _dispatch(sock, name, handlers, msg, counters)
+            except _Shutdown:
+                return 0
+    finally:
+        sock.close(linger=2000)
+
+
+def _dispatch(sock: zmq.Socket, name: str, handlers: dict[str, Handler], msg: Any, counters: dict) -> None:
+    if msg.op == "shutdown":
+        sock.send_multipart(encode("reply", msg.id, msg.op, {"ok": True, **counters}))
+        raise _Shutdown
+    if msg.op == "ping":
+        sock.send_multipart(encode("reply", msg.id, msg.op, {"t": time.time(), **counters}))
+        return
+    handler = handlers.get(msg.op)
+    if handler is None:
+        err = RemoteError("UnknownOp", f"{name} worker has no op {msg.op!r} (has: {', '.join(sorted(handlers))})",
+                          "", name, msg.op)
+        sock.send_multipart(encode("error", msg.id, msg.op, err.to_body()))
+        return
+    rctx = RequestContext(sock, msg.id, msg.op)
+    try:
+        result = handler(msg.body if msg.body is not None else {}, rctx)
+        frames = encode("reply", msg.id, msg.op, result)
+    except Exception as exc:  # every handler failure crosses as text
+        print(f"[{name}] op {msg.op} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        err = RemoteError.from_exception(exc, name, msg.op)
+        frames = encode("error", msg.id, msg.op, err.to_body())
+    sock.send_multipart(frames, copy=False)

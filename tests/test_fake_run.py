@@ -1,0 +1,97 @@
+"""The coordinator against numpy fake workers started as real subprocesses (no framework needed)."""
+
+import json
+import time
+
+import numpy as np
+
+from conftest import ROOT, coordinator, fake_env, load_summary
+from coordinator.errors import ExitCode
+
+
+def test_aligned_run_writes_every_artifact(fake_run):
+    proc, out = fake_run("--steps", "weights,forward")
+    assert proc.returncode == ExitCode.ALIGNED, proc.stdout + proc.stderr
+    for f in ("weights_torch.npy", "weights_paddle.npy", "weights_diff.log", "forward_torch.npy",
+              "forward_paddle.npy", "forward_diff.log", "summary.json", "events.jsonl"):
+        assert (out / f).exists(), f
+    s = load_summary(out)
+    assert s["status"] == "aligned" and [x["name"] for x in s["steps"]] == ["weights", "forward"]
+    assert all(x["passed"] for x in s["steps"])
+    assert (out / "forward_diff.log").read_text().strip().endswith("diff check passed")
+    assert s["workers"]["torch"]["protocol"] == 1
+
+
+def test_forward_divergence_is_flagged_and_named(fake_run):
+    proc, out = fake_run("--steps", "weights,forward", paddle="bug@forward")
+    assert proc.returncode == ExitCode.DIVERGED, proc.stdout + proc.stderr
+    s = load_summary(out)
+    fwd = [x for x in s["steps"] if x["name"] == "forward"][0]
+    assert not fwd["passed"] and "logits" in fwd["message"]
+    assert fwd["diffs"][0]["max_abs"] > 1e-3
+    assert (out / "forward_diff.log").read_text().strip().endswith("diff check failed")
+
+
+def test_nan_never_passes(fake_run):
+    proc, out = fake_run("--steps", "weights,forward", paddle="nan@forward")
+    assert proc.returncode == ExitCode.DIVERGED
+    fwd = load_summary(out)["steps"][1]
+    assert "nan in paddle output at index [1, 1]" in fwd["message"]
+    assert "check passed: False" in (out / "forward_diff.log").read_text()
+
+
+def test_broken_mapping_names_key_and_both_shapes(tmp_path):
+    out = tmp_path / "r"
+    proc = coordinator(["run", "--steps", "weights", "--out", str(out), "--mapping",
+                        str(ROOT / "tests/data/fake_mlp_notranspose.toml")], env=fake_env())
+    assert proc.returncode == ExitCode.USAGE, proc.stdout + proc.stderr
+    text = proc.stdout + proc.stderr
+    assert "fc1.weight" in text and "(8, 4)" in text and "(4, 8)" in text
+    assert load_summary(out)["status"] == "error"
+
+
+def test_worker_exiting_before_hello_shows_exit_code_and_log(fake_run):
+    proc, out = fake_run("--steps", "weights", torch="exit-before-hello")
+    assert proc.returncode == ExitCode.ENVIRONMENT
+    assert "torch worker exited with code 3" in proc.stdout
+    assert "exiting before hello as asked" in proc.stdout
+
+
+def test_worker_killed_mid_op_is_detected_quickly(fake_run):
+    t0 = time.monotonic()
+    proc, out = fake_run("--steps", "weights,forward", paddle="kill@forward")
+    took = time.monotonic() - t0
+    assert proc.returncode == ExitCode.WORKER_DIED, proc.stdout
+    assert "paddle worker killed by signal SIGKILL during forward" in proc.stdout
+    assert took < 20
+    s = load_summary(out)
+    assert s["steps"][0]["name"] == "weights" and s["steps"][0]["passed"]  # completed steps are kept
+
+
+def test_hung_worker_is_stopped_with_its_stack(fake_run):
+    proc, out = fake_run("--steps", "forward", "--timeout", "2", torch="hang@forward")
+    assert proc.returncode == ExitCode.WORKER_HUNG, proc.stdout
+    assert "did not answer op 'forward'" in proc.stdout
+    assert "fake_worker.py" in proc.stdout and "in fault" in proc.stdout  # faulthandler's stack dump
+
+
+def test_protocol_version_mismatch_refused_before_weights_move(fake_run):
+    proc, out = fake_run("--steps", "weights", paddle="wrong-version")
+    assert proc.returncode == ExitCode.PROTOCOL, proc.stdout
+    assert "protocol version 999" in proc.stdout
+    assert not (out / "weights_torch.npy").exists()
+
+
+def test_unknown_step_is_a_usage_error(fake_run):
+    proc, _ = fake_run("--steps", "weights,bogus")
+    assert proc.returncode == ExitCode.USAGE
+    assert "bogus" in proc.stdout
+
+
+
+def test_reprod_npy_files_hold_plain_dicts_of_arrays(fake_run):
+    from coordinator.safe_npy import load_reprod_npy
+    proc, out = fake_run("--steps", "weights,forward")
+    assert proc.returncode == 0
+    d = load_reprod_npy(out / "forward_torch.npy")
+    assert set(d) == {"logits"} and d["logits"].shape == (4, 2) and d["logits"].dtype == np.float32

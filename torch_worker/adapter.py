@@ -1,0 +1,108 @@
+"""PyTorch adapter: HF transformers models behind the worker interface."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+import numpy as np
+import torch
+
+from protocol.adapter import Adapter
+from protocol.codec import BFloat16
+
+
+def to_numpy(t: torch.Tensor) -> Any:
+    """An owned copy (replies go out zero-copy; the tensor may change later)."""
+    t = t.detach().cpu()
+    if t.dtype == torch.bfloat16:
+        return BFloat16(t.view(torch.int16).numpy().view(np.uint16).copy())
+    return t.numpy().copy()
+
+
+def from_numpy(a: Any, device: str = "cpu") -> torch.Tensor:
+    if isinstance(a, BFloat16):
+        return torch.from_numpy(a.bits.astype(np.int16)).view(torch.bfloat16).to(device)
+    return torch.from_numpy(np.array(a, copy=True)).to(device)
+
+
+def _configure_threads() -> int:
+    n = int(os.environ.get("LOCKSTEP_THREADS", "0") or 0)
+    if n > 0:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+class TorchAdapter(Adapter):
+    framework = "torch"
+
+    def __init__(self) -> None:
+        self.threads = _configure_threads()
+        self.device = os.environ.get("LOCKSTEP_DEVICE", "cpu")
+        if self.device.startswith("cuda"):
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cudnn.deterministic = True
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.model: torch.nn.Module | None = None
+        self.model_info: dict[str, Any] = {}
+
+    def hello(self) -> dict[str, Any]:
+        import transformers
+        info = {"framework": "torch", "framework_version": torch.__version__,
+                "libraries": {"transformers": transformers.__version__, "numpy": np.__version__},
+                "device": self.device, "threads": self.threads, "platform": platform.platform(),
+                "cuda_available": torch.cuda.is_available()}
+        if self.device.startswith("cuda") and torch.cuda.is_available():
+            props = torch.cuda.get_device_properties(torch.device(self.device))
+            info["device_name"] = props.name
+            info["device_uuid"] = str(getattr(props, "uuid", ""))
+            info["device_memory"] = int(props.total_memory)
+            info["deterministic"] = {"allow_tf32": torch.backends.cuda.matmul.allow_tf32,
+                                     "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
+        return info
+
+    # -- model ------------------------------------------------------------------------
+    def op_load_model(self, body: dict, ctx: Any) -> dict:
+        from . import models
+        self.model, self.model_info = models.load(body, self.device)
+        self.model.eval()
+        return self.model_info
+
+    def _need_model(self) -> torch.nn.Module:
+        if self.model is None:
+            raise RuntimeError("no model loaded: send load_model first")
+        return self.model
+
+    def op_weight_specs(self, body: dict, ctx: Any) -> dict:
+        sd = self._need_model().state_dict()
+        return {k: [list(v.shape), str(v.dtype).replace("torch.", "")] for k, v in sd.items()}
+
+    def op_get_weights(self, body: dict, ctx: Any) -> dict:
+        sd = self._need_model().state_dict()
+        keys = body.get("keys") or list(sd)
+        return {k: to_numpy(sd[k]) for k in keys}
+
+    def op_set_weights(self, body: dict, ctx: Any) -> dict:
+        model = self._need_model()
+        sd = model.state_dict()
+        unknown = [k for k in body if k not in sd]
+        if unknown:
+            raise KeyError(f"torch model has no parameter(s) {unknown[:5]}")
+        with torch.no_grad():
+            for k, v in body.items():
+                t = from_numpy(v, self.device)
+                if tuple(t.shape) != tuple(sd[k].shape):
+                    raise ValueError(f"{k}: got shape {tuple(t.shape)}, model has {tuple(sd[k].shape)}")
+                sd[k].copy_(t)
+        return {"set": len(body)}
+
+    def op_forward(self, body: dict, ctx: Any) -> dict:
+        from . import models
+        model = self._need_model()
+        model.eval()
+        inputs = {k: from_numpy(v, self.device) for k, v in body["inputs"].items()}
+        with torch.no_grad():
+            out = models.forward(model, self.model_info, inputs)
+        return {k: to_numpy(v) for k, v in out.items()}
