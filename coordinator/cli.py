@@ -130,6 +130,21 @@ def _device_env(name: str, device: str) -> dict[str, str]:
 @click.option("--mapping", default=None, help="weight mapping TOML file or built-in name (default: bert)")
 @click.option("--paddle-inject", multiple=True, help="deliberate porting bug for a negative control, "
               "e.g. ln_eps:3:1e-5, gelu_tanh:2")
+@click.option("--torch-inject", multiple=True, help="deliberate bug on the torch side (negative controls)")
+@click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="your own TSV (sentence<TAB>label, header) instead of the demo set")
+@click.option("--lr", type=float, default=None, help="learning rate (default 3e-5, the guide's)")
+@click.option("--warmup", type=int, default=None, help="warmup steps for the lr step (default 345)")
+@click.option("--total-steps", type=int, default=None, help="schedule length for the lr step (default 1024)")
+@click.option("--iters", type=int, default=None, help="backward iterations (default 10)")
+@click.option("--epochs", type=int, default=None, help="train epochs (default 1)")
+@click.option("--batch-size", type=int, default=None, help="batch size (default 4)")
+@click.option("--dropout", type=click.Choice(["off", "shared"]), default=None,
+              help="backward/train: dropout off (default) or on with masks shared by both sides")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="any step parameter (see docs)")
+@click.option("--tolerance", "tolerances", multiple=True, metavar="STEP=METHOD:THRESHOLD",
+              help="per-step tolerance, e.g. forward=max:1e-5 or loss=mean:1e-6")
+@click.option("--stop-at-first", is_flag=True, help="layers: end at the first divergent layer")
 @click.option("--forward-threshold", type=float, default=None, help="forward tolerance (default 1e-5)")
 @click.option("--diff-method", type=click.Choice(["max", "mean"]), default=None,
               help="statistic for the forward verdict (default max)")
@@ -159,13 +174,16 @@ def run(**kw) -> None:
         if kw["forward_threshold"] is not None or kw["diff_method"]:
             tol["forward"] = Tolerance(kw["forward_threshold"] if kw["forward_threshold"] is not None else 1e-5,
                                        kw["diff_method"] or "max")
+        tol.update(_parse_tolerances(kw["tolerances"]))
+        params = _parse_params(kw)
         _check_devices(kw["torch_device"], kw["paddle_device"], kw["allow_shared_gpu"])
         env_set = kw["env_set"] or ("gpu" if kw["torch_device"] != "cpu" or kw["paddle_device"] != "cpu" else "cpu")
         deadlines = {op: kw["timeout"] for op in ("forward", "get_weights", "set_weights", "load_model")} \
             if kw["timeout"] else {}
         opts = RunOptions(steps=steps, out=out.resolve(), seed=kw["seed"], torch_model=kw["torch_model"],
                           paddle_model=kw["paddle_model"], model_path=kw["model_path"], mapping=kw["mapping"],
-                          paddle_inject=list(kw["paddle_inject"]), tolerances=tol, schedule=kw["schedule"],
+                          paddle_inject=list(kw["paddle_inject"]), torch_inject=list(kw["torch_inject"]),
+                          stop_at_first=kw["stop_at_first"], params=params, tolerances=tol, schedule=kw["schedule"],
                           threads=kw["threads"], env_set=env_set, torch_device=kw["torch_device"],
                           paddle_device=kw["paddle_device"], fail_fast=kw["fail_fast"], deadlines=deadlines)
         opts.out.mkdir(parents=True, exist_ok=True)
@@ -180,6 +198,35 @@ def run(**kw) -> None:
         console.print(f"error: {exc}", markup=False, style="red")
         console.print(f"exit {exc.exit_code}: {ExitCode.DESCRIPTIONS.get(exc.exit_code, '')}", markup=False)
         sys.exit(exc.exit_code)
+
+
+def _parse_tolerances(items) -> dict:
+    from .compare import Tolerance
+    from .errors import UsageError
+    out = {}
+    for item in items:
+        step, _, rest = item.partition("=")
+        method, _, thr = rest.partition(":")
+        if not step or method not in ("max", "mean", "min"):
+            raise UsageError(f"--tolerance {item!r}: use STEP=max:1e-5 (method max, mean or min)")
+        try:
+            out[step] = Tolerance(float(thr), method)
+        except ValueError:
+            raise UsageError(f"--tolerance {item!r}: threshold {thr!r} is not a number") from None
+    return out
+
+
+def _parse_params(kw) -> dict:
+    from .errors import UsageError
+    from .params import coerce, resolve
+    over = {k: kw[k] for k in ("lr", "warmup", "total_steps", "iters", "epochs", "batch_size", "dropout")}
+    over["data"] = str(kw["data"].resolve()) if kw["data"] else None
+    for item in kw["params"]:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--param {item!r}: use KEY=VALUE")
+        over[key] = coerce(key, value)
+    return resolve(over)
 
 
 def _check_devices(td: str, pd: str, allow_shared: bool) -> None:
@@ -211,6 +258,18 @@ def _print_table(console, data: dict) -> None:
                   f"{s.get('seconds', 0):.1f}", (s.get("message") or "")[:90])
     console.print(t)
 
+
+def _add_commands() -> None:
+    import importlib
+    import pkgutil
+    from . import commands
+    for m in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        cmd = getattr(importlib.import_module(f"{commands.__name__}.{m.name}"), "command", None)
+        if cmd is not None:
+            main.add_command(cmd)
+
+
+_add_commands()
 
 if __name__ == "__main__":
     main()

@@ -66,6 +66,8 @@ class RunOptions:
     model_path: str | None = None
     mapping: str | None = None
     paddle_inject: list[str] = field(default_factory=list)
+    torch_inject: list[str] = field(default_factory=list)
+    stop_at_first: bool = False
     tolerances: dict[str, Tolerance] = field(default_factory=dict)
     schedule: str = "auto"
     threads: int = 0
@@ -92,6 +94,10 @@ class RunContext:
         self.weight_map: Any = None
         self.converted = False
         self.cache: dict[str, Any] = {}
+
+    def param(self, name: str) -> Any:
+        from .params import DEFAULTS
+        return self.opts.params.get(name, DEFAULTS[name])
 
     def tol(self, step: str, default: Tolerance) -> Tolerance:
         return self.opts.tolerances.get(step, default)

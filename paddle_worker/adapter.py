@@ -34,13 +34,29 @@ def _configure() -> tuple[str, int]:
     return device, n
 
 
-class PaddleAdapter(Adapter):
+
+def _discover_mixins() -> tuple[type, ...]:
+    """Feature ops live in ``ops_*.py`` modules of this package, each exporting ``OPS = (SomeOps, ...)``."""
+    import importlib
+    import pkgutil
+    found: list[type] = []
+    for m in sorted(pkgutil.iter_modules([os.path.dirname(__file__)]), key=lambda m: m.name):
+        if m.name.startswith("ops_"):
+            found.extend(getattr(importlib.import_module(f"{__package__}.{m.name}"), "OPS", ()))
+    return tuple(found)
+
+
+_MIXINS = _discover_mixins()
+
+
+class PaddleAdapter(*_MIXINS, Adapter):
     framework = "paddle"
 
     def __init__(self) -> None:
         self.device, self.threads = _configure()
         self.model: Any = None
         self.model_info: dict[str, Any] = {}
+        self.inject: list[str] = []   # deliberate bugs for negative controls, set by load_model
 
     def hello(self) -> dict[str, Any]:
         import paddlenlp
@@ -61,6 +77,7 @@ class PaddleAdapter(Adapter):
 
     def op_load_model(self, body: dict, ctx: Any) -> dict:
         from . import models
+        self.inject = list(body.get("inject") or [])
         self.model, self.model_info = models.load(body)
         self.model.eval()
         return self.model_info

