@@ -83,17 +83,17 @@ def _parse_steps(text: str) -> list[str]:
 
 def _worker_specs(opts, no_create: bool, say) -> dict:
     from . import envs as E
+    from .placement import worker_env
+    from .runner import choose_schedule, worker_threads
     from .session import WorkerSpec
     specs = {}
+    cores = os.cpu_count() or 1
+    schedule, _ = choose_schedule(opts.schedule, opts.torch_device, opts.paddle_device, cores)
+    threads = worker_threads(schedule, cores, opts.threads)  # parallel on CPU: the cores are split
     for name in ("torch", "paddle"):
         override = os.environ.get(f"LOCKSTEP_WORKER_ARGV_{name.upper()}")
-        env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GLOG_minloglevel": "2",
-               "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
         device = opts.torch_device if name == "torch" else opts.paddle_device
-        env.update(_device_env(name, device))
-        threads = opts.threads or (os.cpu_count() or 1)
-        env.update({"LOCKSTEP_THREADS": str(threads), "OMP_NUM_THREADS": str(threads),
-                    "MKL_NUM_THREADS": str(threads)})
+        env = worker_env(name, device, threads[name])
         if override:
             argv = json.loads(override)
         else:
@@ -106,28 +106,56 @@ def _worker_specs(opts, no_create: bool, say) -> dict:
             site = E.worker_site(opts.out, spec.worker_package)
             env["PYTHONPATH"] = str(site)
             argv = [str(spec.python), "-m", spec.worker_package]
-        specs[name] = WorkerSpec(name, argv, env, framework=None if override else name)
+        fix = (f"LOCKSTEP_WORKER_ARGV_{name.upper()} chooses this worker's command: check it" if override else
+               f"rebuild the {name} environment: coordinator envs create {name} --force")
+        specs[name] = WorkerSpec(name, argv, env, framework=name, fix=fix)
     return specs
 
 
+def _listen_keys(kw, say) -> dict | None:
+    """``--listen``: refuse plaintext TCP off the host unless --insecure; load the server keys (never logged)."""
+    from .errors import UsageError
+    from .security import check_transport, load_server_keys
+    if not kw["listen"]:
+        if kw["curve_keys"] or kw["insecure"]:
+            raise UsageError("--curve-keys and --insecure only apply with --listen (local workers use a private "
+                             "ipc socket)")
+        return None
+    warning = check_transport(kw["listen"], bool(kw["curve_keys"]), kw["insecure"], "--listen")
+    if warning:
+        say(warning)
+    return load_server_keys(kw["curve_keys"]) if kw["curve_keys"] else None
+
+
+def _remote_specs() -> dict:
+    """Workers started elsewhere: nothing to launch, only the framework their HELLO must name."""
+    from .session import WorkerSpec
+    return {name: WorkerSpec(name, [], {}, framework=name,
+                             fix=f"start it on its host: coordinator worker {name} --connect tcp://HOST:PORT "
+                                 f"[--curve-keys {name}.key]")
+            for name in ("torch", "paddle")}
+
+
 def _device_env(name: str, device: str) -> dict[str, str]:
-    """Pin a local worker to one GPU: it sees only that device, as its device 0."""
-    if device == "cpu":
-        return {"LOCKSTEP_DEVICE": "cpu", "CUDA_VISIBLE_DEVICES": ""}
-    kind, _, idx = device.partition(":")
-    local = "cuda:0" if name == "torch" else "gpu:0"
-    return {"LOCKSTEP_DEVICE": local, "CUDA_VISIBLE_DEVICES": idx or "0", "NVIDIA_TF32_OVERRIDE": "0",
-            "FLAGS_cudnn_deterministic": "1", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    """Pin a local worker to one GPU: it sees only that device, as its device 0 (see placement.py)."""
+    from .placement import device_env
+    return device_env(name, device)
 
 
 @main.command()
 @click.option("--steps", default="all", show_default=True, help="comma list of steps, or 'all'")
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="run directory (default runs/<timestamp>)")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--torch-model", default="minilm", show_default=True, help="preset (minilm, bert)")
-@click.option("--paddle-model", default="minilm", show_default=True, help="preset (minilm, bert)")
+@click.option("--torch-model", default="minilm", show_default=True,
+              help="preset (minilm, bert) or your factory module.path:function (docs/own-model.md)")
+@click.option("--paddle-model", default="minilm", show_default=True,
+              help="preset (minilm, bert) or your factory module.path:function")
 @click.option("--model-path", default=None, help="checkpoint directory for the 'bert' preset")
-@click.option("--mapping", default=None, help="weight mapping TOML file or built-in name (default: bert)")
+@click.option("--torch-path", multiple=True, metavar="DIR", help="put DIR first on the torch worker's sys.path "
+              "before importing a factory (repeatable; the current directory is always searched)")
+@click.option("--paddle-path", multiple=True, metavar="DIR", help="the same for the paddle worker")
+@click.option("--mapping", default=None, help="weight mapping TOML file or built-in name (default: bert for "
+              "presets, automatic for factories)")
 @click.option("--paddle-inject", multiple=True, help="deliberate porting bug for a negative control, "
               "e.g. ln_eps:3:1e-5, gelu_tanh:2")
 @click.option("--torch-inject", multiple=True, help="deliberate bug on the torch side (negative controls)")
@@ -149,7 +177,8 @@ def _device_env(name: str, device: str) -> dict[str, str]:
 @click.option("--diff-method", type=click.Choice(["max", "mean"]), default=None,
               help="statistic for the forward verdict (default max)")
 @click.option("--schedule", type=click.Choice(["auto", "parallel", "alternate"]), default="auto", show_default=True)
-@click.option("--threads", default=0, help="threads per worker (default: all cores)")
+@click.option("--threads", default=0, help="threads per worker (default: all cores when the workers take "
+              "turns, half each when they run in parallel)")
 @click.option("--env-set", type=click.Choice(["cpu", "gpu"]), default=None, help="default: gpu if a device is a GPU")
 @click.option("--torch-device", default="cpu", show_default=True, help="cpu or cuda:N")
 @click.option("--paddle-device", default="cpu", show_default=True, help="cpu or gpu:N")
@@ -157,6 +186,14 @@ def _device_env(name: str, device: str) -> dict[str, str]:
 @click.option("--fail-fast", is_flag=True, help="stop at the first failing step")
 @click.option("--no-create", is_flag=True, help="fail instead of building missing environments")
 @click.option("--timeout", type=float, default=None, help="per-op deadline in seconds (default generous per op)")
+@click.option("--hello-timeout", type=float, default=None, help="seconds a worker may take to start (default 120)")
+@click.option("--listen", default=None, metavar="tcp://ADDR:PORT",
+              help="do not launch workers: bind here and wait for `coordinator worker` on other hosts")
+@click.option("--curve-keys", default=None, metavar="FILE|-",
+              help="with --listen: server.key from `coordinator keys` (0600), or '-' for stdin")
+@click.option("--insecure", is_flag=True, help="with --listen: allow a non-loopback address without keys")
+@click.option("--interrupt-grace", type=float, default=10.0, show_default=True,
+              help="after Ctrl-C, seconds the op in flight may take to finish")
 def run(**kw) -> None:
     """Drive both workers through the steps in lockstep; exit 0 when aligned."""
     from .compare import Tolerance
@@ -167,7 +204,7 @@ def run(**kw) -> None:
     say = lambda s: console.print(s, markup=False)  # noqa: E731
     try:
         steps = _parse_steps(kw["steps"])
-        out = kw["out"] or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+        out = kw["out"] or _fresh_run_dir(Path("runs"))
         if out.exists() and any(out.iterdir()) and (out / "summary.json").exists():
             out = out / time.strftime("%H%M%S")
         tol = {}
@@ -176,28 +213,59 @@ def run(**kw) -> None:
                                        kw["diff_method"] or "max")
         tol.update(_parse_tolerances(kw["tolerances"]))
         params = _parse_params(kw)
+        if params.get("data"):
+            from .tsv import read_tsv
+            read_tsv(params["data"])  # refuse a bad --data file (file:line: reason) before workers start
         _check_devices(kw["torch_device"], kw["paddle_device"], kw["allow_shared_gpu"])
+        server_curve = _listen_keys(kw, say)
         env_set = kw["env_set"] or ("gpu" if kw["torch_device"] != "cpu" or kw["paddle_device"] != "cpu" else "cpu")
-        deadlines = {op: kw["timeout"] for op in ("forward", "get_weights", "set_weights", "load_model")} \
-            if kw["timeout"] else {}
+        deadlines = {"*": kw["timeout"]} if kw["timeout"] else {}  # every op (session.DEFAULT_DEADLINES)
+        if kw["hello_timeout"]:
+            deadlines["hello"] = kw["hello_timeout"]
         opts = RunOptions(steps=steps, out=out.resolve(), seed=kw["seed"], torch_model=kw["torch_model"],
                           paddle_model=kw["paddle_model"], model_path=kw["model_path"], mapping=kw["mapping"],
                           paddle_inject=list(kw["paddle_inject"]), torch_inject=list(kw["torch_inject"]),
                           stop_at_first=kw["stop_at_first"], params=params, tolerances=tol, schedule=kw["schedule"],
                           threads=kw["threads"], env_set=env_set, torch_device=kw["torch_device"],
                           paddle_device=kw["paddle_device"], fail_fast=kw["fail_fast"], deadlines=deadlines)
+        opts.interrupt_grace = kw["interrupt_grace"]
+        opts.listen, opts.allow_shared_gpu = kw["listen"], kw["allow_shared_gpu"]
+        opts.torch_path, opts.paddle_path = list(kw["torch_path"]), list(kw["paddle_path"])
         opts.out.mkdir(parents=True, exist_ok=True)
         say(f"lockstep run -> {opts.out}")
-        specs = _worker_specs(opts, kw["no_create"], say)
+        specs = _remote_specs() if opts.listen else _worker_specs(opts, kw["no_create"], say)
         header = {"options": _options_json(opts)}
-        code, summary = do_run(opts, specs, say, header=header)
+        code, summary = do_run(opts, specs, say, header=header, server_curve=server_curve)
         _print_table(console, summary.data)
         say(f"verdict: {ExitCode.DESCRIPTIONS.get(code, code)}  (exit {code}; report {opts.out / 'summary.json'})")
         sys.exit(code)
     except LockstepError as exc:
-        console.print(f"error: {exc}", markup=False, style="red")
+        console.print(f"error: {exc}", markup=False, style="red", soft_wrap=True)  # paths and keys stay whole
+        print_remote_traceback(console, exc)
         console.print(f"exit {exc.exit_code}: {ExitCode.DESCRIPTIONS.get(exc.exit_code, '')}", markup=False)
         sys.exit(exc.exit_code)
+
+
+def print_remote_traceback(console, exc: BaseException) -> None:
+    """A WorkerFailed carries the worker's own traceback (e.g. a factory that cannot be imported): show it."""
+    tb = getattr(getattr(exc, "remote", None), "traceback", "")
+    if tb:
+        console.print(f"--- {exc.remote.worker} worker traceback (op {exc.remote.op!r}) ---\n{tb.rstrip()}",
+                      markup=False, soft_wrap=True)
+
+
+def _fresh_run_dir(base: Path) -> Path:
+    """runs/<timestamp>, made atomically: two runs started in the same second get different ones."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base.mkdir(parents=True, exist_ok=True)
+    for i in range(1000):
+        path = base / (stamp if i == 0 else f"{stamp}-{i}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise LockstepError(f"cannot create a fresh run directory under {base}")
 
 
 def _parse_tolerances(items) -> dict:
@@ -230,14 +298,9 @@ def _parse_params(kw) -> dict:
 
 
 def _check_devices(td: str, pd: str, allow_shared: bool) -> None:
-    from .errors import UsageError
-    if td != "cpu" and not td.startswith("cuda"):
-        raise UsageError(f"--torch-device {td!r}: use cpu or cuda:N")
-    if pd != "cpu" and not pd.startswith("gpu"):
-        raise UsageError(f"--paddle-device {pd!r}: use cpu or gpu:N")
-    if td != "cpu" and pd != "cpu" and td.partition(":")[2] == pd.partition(":")[2] and not allow_shared:
-        raise UsageError(f"both workers would share GPU {td.partition(':')[2]}: pin them to different GPUs "
-                         f"or pass --allow-shared-gpu")
+    """Valid device strings; one GPU for both only with --allow-shared-gpu (UUIDs are checked after HELLO)."""
+    from .placement import check_device_flags
+    check_device_flags(td, pd, allow_shared)
 
 
 def _options_json(opts) -> dict:

@@ -77,6 +77,10 @@ def compare(name: str, ref: Any, got: Any, tol: Tolerance = Tolerance(), ref_sid
     if a.shape != b.shape:
         return TensorDiff(passed=False, reason=f"shape mismatch: {ref_side} {tuple(a.shape)} vs "
                           f"{got_side} {tuple(b.shape)}", **base)
+    for side, arr in ((ref_side, a), (got_side, b)):
+        if arr.dtype.kind not in "biuf":  # a string, None or object slipped in: nothing to compare
+            return TensorDiff(passed=False, reason=f"{side} value is not a numeric tensor (dtype {arr.dtype})",
+                              **base)
     if a.dtype.kind != b.dtype.kind:
         return TensorDiff(passed=False, reason=f"dtype mismatch: {ref_side} {a.dtype} vs {got_side} {b.dtype}",
                           **base)

@@ -63,3 +63,9 @@ class WorkerFailed(LockstepError):
     def __init__(self, remote):
         self.remote = remote
         super().__init__(f"{remote.worker} worker failed in op {remote.op!r}: {remote.etype}: {remote.message}")
+
+
+class Interrupted(LockstepError):
+    """Ctrl-C: no new op was started; the one in flight finished or ran out of its grace period."""
+
+    exit_code = ExitCode.INTERRUPTED

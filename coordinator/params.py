@@ -20,18 +20,25 @@ DEFAULTS: dict[str, Any] = {
     "warmup": 345,
     "total_steps": 1024,
     "schedules": "linear,cosine,polynomial",
+    "lr_cosine": "matched",     # paddle cosine call: matched (= HF's curve) | guide (the guide's, a full wave)
     "weight_decay": 0.01,
     "adam_eps": 1e-6,
     "iters": 10,                # backward iterations
     "epochs": 1,                # train
     "train_lr": 5e-5,
+    "train_max_steps": 0,       # train: stop each side after this many steps (0 = all epochs; for quick checks)
+    "train_log_every": 10,      # train: print the running loss every N steps
+    "dev_data": None,           # train: TSV to evaluate on (default: demo dev, or --data itself)
     "acc_threshold": 0.0025,    # train: max |acc_torch - acc_paddle| (guide: 0.25%)
     "perf_steps": 5,
     "perf_warmup": 2,
     "perf_ratio": 0.5,          # perf passes when slower/faster throughput >= this
-    "dropout": "off",           # off | shared
+    "dropout": "off",           # off | shared (| native: each side's own RNG, a negative control)
     "metric_batches": 4,
     "metric_batch": 64,
+    "layers_backward": True,    # layers: also one backward pass (activation + parameter gradients)
+    "layer_map": None,          # layers: TOML overriding the automatic layer pairing ([[layer]] torch/paddle)
+    "layers_hold_mib": 512.0,   # layers: torch tensors held waiting for paddle's; beyond this, spilled to disk
 }
 
 

@@ -19,8 +19,8 @@ from typing import Any, Callable
 import numpy as np
 
 from .compare import TensorDiff, Tolerance
-from .errors import ExitCode, LockstepError, UsageError
-from .session import Session, WorkerSpec
+from .errors import ExitCode, Interrupted, LockstepError, UsageError
+from .session import Session, WorkerSpec, lock_run_dir
 
 
 @dataclass
@@ -65,6 +65,8 @@ class RunOptions:
     paddle_model: str = "minilm"
     model_path: str | None = None
     mapping: str | None = None
+    torch_path: list[str] = field(default_factory=list)    # sys.path dirs for a torch factory module
+    paddle_path: list[str] = field(default_factory=list)   # sys.path dirs for a paddle factory module
     paddle_inject: list[str] = field(default_factory=list)
     torch_inject: list[str] = field(default_factory=list)
     stop_at_first: bool = False
@@ -79,6 +81,9 @@ class RunOptions:
     worker_argv: dict[str, list[str]] = field(default_factory=dict)
     worker_env: dict[str, dict[str, str]] = field(default_factory=dict)
     deadlines: dict[str, float] = field(default_factory=dict)
+    interrupt_grace: float = 10.0   # after the first Ctrl-C, how long the op in flight may still run
+    listen: str | None = None       # bind here and wait for remote workers instead of launching local ones
+    allow_shared_gpu: bool = False  # let both workers use one physical GPU (checked again on HELLO UUIDs)
 
 
 class RunContext:
@@ -118,16 +123,34 @@ class RunContext:
         return self.cache.get("schedule", "parallel")
 
 
-def choose_schedule(requested: str, torch_device: str, paddle_device: str, cores: int) -> tuple[str, str]:
+def choose_schedule(requested: str, torch_device: str, paddle_device: str, cores: int,
+                    same_host: bool = True) -> tuple[str, str]:
     """Parallel when the workers do not compete for the same cores; turns on a small CPU box."""
     if requested in ("parallel", "alternate"):
         return requested, "requested"
+    if not same_host:
+        return "parallel", "workers on different hosts"
     on_gpu = not torch_device.startswith("cpu") and not paddle_device.startswith("cpu")
     if on_gpu:
         return "parallel", "both workers on GPUs"
     if cores >= 8:
         return "parallel", f"{cores} cores: each worker gets half"
     return "alternate", f"{cores} CPU cores: workers take turns, each with all cores (measured faster than sharing)"
+
+
+def worker_threads(schedule: str, cores: int, requested: int = 0) -> dict[str, int]:
+    """Threads per worker: all cores each when they take turns, half each when they run at once.
+
+    Two workers each using every core at the same time oversubscribe the machine and
+    both slow down; ``--threads N`` overrides (the user knows their box).
+    """
+    cores = max(1, cores)
+    if requested > 0:
+        return {"torch": requested, "paddle": requested}
+    if schedule == "alternate":
+        return {"torch": cores, "paddle": cores}
+    half = max(1, cores // 2)
+    return {"torch": max(1, cores - half), "paddle": half}
 
 
 class Summary:
@@ -146,12 +169,21 @@ class Summary:
 
     def add_step(self, result: StepResult) -> None:
         self.data["steps"].append(result.to_json())
+        if not result.passed and "first_failure" not in self.data:
+            bad = next((d for d in result.diffs if not d.passed), None)
+            self.data["first_failure"] = {"step": result.name,  # (a failed TensorDiff is falsy)
+                                          "tensor": bad.name if bad is not None else None,
+                                          "reason": bad.reason if bad is not None else result.message}
         self.event("step", **result.to_json())
         self.write()
 
     def write(self) -> None:
+        """Temp file, fsync, rename: a reader sees the old summary or the new one, never half."""
         tmp = self.out / "summary.json.tmp"
-        tmp.write_text(json.dumps(_jsonable(self.data), indent=1))
+        with open(tmp, "w") as f:
+            f.write(json.dumps(_jsonable(self.data), indent=1))
+            f.flush()
+            os.fsync(f.fileno())
         tmp.replace(self.out / "summary.json")
 
     def close(self, status: str, exit_code: int, error: str | None = None) -> None:
@@ -163,57 +195,51 @@ class Summary:
         self.events.close()
 
 
-class Interrupted(Exception):
-    pass
-
-
 def run(opts: RunOptions, worker_specs: dict[str, WorkerSpec], say: Callable[[str], None],
-        on_step: Callable[[StepResult], None] | None = None, header: dict[str, Any] | None = None
-        ) -> tuple[int, Summary]:
-    """Execute the steps; return (exit code, summary). Never leaves a worker process behind."""
+        on_step: Callable[[StepResult], None] | None = None, header: dict[str, Any] | None = None,
+        server_curve: dict[str, Any] | None = None,
+        extra_steps: dict[str, Callable[["RunContext"], StepResult]] | None = None) -> tuple[int, Summary]:
+    """Execute the steps; return (exit code, summary). Never leaves a worker process behind.
+
+    With ``opts.listen`` the workers are not launched: they connect from elsewhere
+    (``coordinator worker``), authenticated by ``server_curve`` keys when given.
+    ``extra_steps`` adds steps outside the registry (``coordinator debug`` runs as one).
+    """
     from .steps import STEPS
+    STEPS = dict(STEPS, **(extra_steps or {}))  # noqa: N806
     unknown = [s for s in opts.steps if s not in STEPS]
     if unknown:
         raise UsageError(f"unknown step(s) {', '.join(unknown)} (known: {', '.join(STEPS)}, all)")
     opts.out.mkdir(parents=True, exist_ok=True)
+    lock_fd = lock_run_dir(opts.out)  # before anything is written there
     summary = Summary(opts.out, dict(header or {}, steps_requested=opts.steps))
-    interrupted = {"count": 0}
-
-    def on_sigint(signum: int, frame: Any) -> None:
-        interrupted["count"] += 1
-        if interrupted["count"] >= 2:
-            for h in session.workers.values():
-                if h.proc is not None and h.proc.poll() is None:
-                    h.proc.kill()
-            os._exit(ExitCode.INTERRUPTED)
-        raise Interrupted()
-
-    old = signal.signal(signal.SIGINT, on_sigint)
-    session = Session(opts.out, deadlines=opts.deadlines)
+    session = _open_session(opts, server_curve)
+    session.interrupt_grace = opts.interrupt_grace
+    old = signal.signal(signal.SIGINT, _interrupt_handler(session, summary))
     code = ExitCode.ALIGNED
     try:
-        for spec in worker_specs.values():
-            session.launch(spec)
+        _start_workers(session, opts, worker_specs, say)
         say(f"waiting for workers ({', '.join(worker_specs)}) to say hello ...")
-        hellos = session.wait_hello()
+        try:
+            hellos = session.wait_hello()
+        finally:
+            _note_security(summary, session)
         summary.data["workers"] = hellos
         summary.event("hello", workers=hellos)
-        for name, h in hellos.items():
-            say(f"  {name}: {h.get('framework')} {h.get('framework_version')} on {h.get('device')} "
-                f"(python {h.get('python')}, {h.get('executable')})")
         rc = RunContext(opts, session, say)
-        sched, why = choose_schedule(opts.schedule, opts.torch_device, opts.paddle_device, os.cpu_count() or 1)
-        rc.cache["schedule"] = sched
-        summary.data["schedule"] = {"mode": sched, "why": why}
-        say(f"schedule: {sched} ({why})")
+        rc.cache["schedule"] = _check_placement(opts, hellos, summary, say)
         any_failed = False
         for name in opts.steps:
+            if session.interrupted_at is not None:
+                raise Interrupted(f"interrupted: step {name!r} and later not started")
             say(f"step {name} ...")
             t0 = time.monotonic()
             try:
                 result = STEPS[name](rc)
                 result.status = "passed" if result.passed else "failed"
-            except LockstepError:
+            except LockstepError as exc:
+                exc.step = name
+                exc.args = (f"step {name!r}: {exc}",)  # name the step in stdout and summary.json
                 raise
             except Exception as exc:  # a bug in a step must not lose the steps already done
                 import traceback
@@ -225,18 +251,124 @@ def run(opts: RunOptions, worker_specs: dict[str, WorkerSpec], say: Callable[[st
                 on_step(result)
             if not result.passed:
                 any_failed = True
-                if opts.fail_fast:
+                if opts.fail_fast or result.details.get("stop_run"):  # stop_run: --stop-at-first (layers)
                     break
         code = ExitCode.DIVERGED if any_failed else ExitCode.ALIGNED
+        _note_protocol(summary, session, say)
         summary.close("diverged" if any_failed else "aligned", code)
-    except Interrupted:
+    except Interrupted as exc:
         code = ExitCode.INTERRUPTED
-        summary.close("interrupted", code, "interrupted by Ctrl-C; steps completed before it are kept")
+        say(f"{exc}; {len(summary.data['steps'])} completed step(s) kept in the report")
+        _note_protocol(summary, session, say)
+        summary.close("interrupted", code, f"interrupted by Ctrl-C: {exc}; steps completed before it are kept")
     except LockstepError as exc:
         code = exc.exit_code
+        _note_protocol(summary, session, say)
         summary.close("error", code, str(exc))
         raise
     finally:
         signal.signal(signal.SIGINT, old)
         session.close()
+        os.close(lock_fd)
+        _write_html_report(opts.out, say)
     return code, summary
+
+
+def _write_html_report(out: Path, say: Callable[[str], None]) -> None:
+    """report.html next to summary.json after every run; a report bug never changes the run's outcome."""
+    try:
+        from .report_html import write_report
+        path = write_report(out)
+        say(f"report: {path}")
+    except Exception as exc:  # noqa: BLE001
+        say(f"warning: report.html not written: {type(exc).__name__}: {exc}")
+
+
+def _note_protocol(summary: Summary, session: Session, say: Callable[[str], None]) -> None:
+    """Record what was dropped (stale replies, malformed messages) instead of failing the run."""
+    stats = session.stats()
+    summary.data["protocol"] = stats
+    if stats["malformed"]:
+        say(f"warning: dropped malformed messages: {stats['malformed']} (first: {stats['first_malformed']})")
+
+
+def _interrupt_handler(session: Session, summary: Summary) -> Callable[[int, Any], None]:
+    """First Ctrl-C: start no new op, let the one in flight finish (grace period). Second: kill at once."""
+    count = [0]
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        count[0] += 1
+        if count[0] >= 2:
+            for h in session.workers.values():
+                if h.proc is not None and h.proc.poll() is None:
+                    h.proc.kill()
+            try:
+                summary.close("interrupted", ExitCode.INTERRUPTED, "interrupted twice: workers killed at once; "
+                              "steps completed before it are kept")
+            finally:
+                os._exit(ExitCode.INTERRUPTED)
+        session.interrupt()
+        os.write(2, f"\ninterrupt: starting no new op; the op in flight has {session.interrupt_grace:g}s to finish "
+                    f"(Ctrl-C again to kill the workers at once)\n".encode())
+
+    return on_sigint
+
+
+def _open_session(opts: RunOptions, server_curve: dict[str, Any] | None) -> Session:
+    """A private ipc socket for local workers, or ``--listen``'s address for remote ones."""
+    if not opts.listen:
+        return Session(opts.out, deadlines=opts.deadlines)
+    import zmq
+    try:
+        return Session(opts.out, endpoint=opts.listen, deadlines=opts.deadlines, server_curve=server_curve)
+    except zmq.ZMQError as exc:
+        raise UsageError(f"--listen {opts.listen}: cannot bind: {exc}") from None
+
+
+def _start_workers(session: Session, opts: RunOptions, specs: dict[str, WorkerSpec],
+                   say: Callable[[str], None]) -> None:
+    """Launch local workers, or register the remote ones and tell the user how to start them."""
+    if not opts.listen:
+        for spec in specs.values():
+            session.launch(spec)
+        return
+    secure = session.auth is not None
+    say(f"listening on {session.endpoint} ({'CURVE, 2 admitted worker keys' if secure else 'NO encryption'}); "
+        f"start the workers:")
+    for spec in specs.values():
+        keys = f" --curve-keys {spec.name}.key" if secure else ""
+        spec.fix = (f"start it on its host: coordinator worker {spec.name} --connect "
+                    f"tcp://<this host>:{session.endpoint.rsplit(':', 1)[-1]}{keys}")
+        session.expect_remote(spec)
+        say(f"  {spec.fix.partition(': ')[2]}")
+
+
+def _note_security(summary: Summary, session: Session) -> None:
+    """summary.json 'security': transport and what the authenticator admitted or refused (no keys)."""
+    sec: dict[str, Any] = {"endpoint": session.endpoint, "curve": session.auth is not None}
+    if session.auth is not None:
+        sec.update(session.auth.record())
+    summary.data["security"] = sec
+    summary.write()
+
+
+def _check_placement(opts: RunOptions, hellos: dict[str, dict], summary: Summary, say: Callable[[str], None]) -> str:
+    """Print the workers, refuse a shared GPU, record determinism and the schedule; return the schedule."""
+    from .placement import check_hello_gpus, describe, determinism_report, same_host
+    for name, h in hellos.items():
+        say(f"  {describe(name, h)}")
+    shared = check_hello_gpus(hellos, opts.allow_shared_gpu)
+    if shared:
+        say(f"  note: {shared}")
+    det = summary.data["determinism"] = determinism_report(hellos)
+    for problem in det["problems"]:
+        say(f"  warning: not deterministic: {problem}")
+    if opts.listen:  # the devices are whatever the remote workers were started with
+        devices = [str(hellos.get(n, {}).get("device", "cpu")) for n in ("torch", "paddle")]
+    else:
+        devices = [opts.torch_device, opts.paddle_device]
+    sched, why = choose_schedule(opts.schedule, *devices, os.cpu_count() or 1, same_host=same_host(hellos))
+    threads = {n: h.get("threads") for n, h in hellos.items()}
+    summary.data["schedule"] = {"mode": sched, "why": why, "threads": threads}
+    say(f"schedule: {sched} ({why}); threads {', '.join(f'{n} {t}' for n, t in threads.items())}")
+    return sched

@@ -22,12 +22,17 @@ from typing import Any, Callable
 import zmq
 
 from protocol import PROTOCOL_VERSION
+from protocol import codec
 from protocol.codec import Message, decode, encode
 from protocol.errors import ProtocolError, RemoteError
 
-from .errors import ProtocolMismatch, WorkerDied, WorkerFailed, WorkerHung, WorkerStartupError
+from .errors import (Interrupted, ProtocolMismatch, UsageError, WorkerDied, WorkerFailed, WorkerHung,
+                     WorkerStartupError)
 
 LIVENESS_S = 0.2
+TERM_GRACE_S = 3.0        # SIGTERM, then this long, then SIGKILL
+INTERRUPT_GRACE_S = 10.0  # after the first Ctrl-C, how long the op in flight may still take
+MAX_STASH = 64            # messages kept while waiting for HELLOs (more is a flood: dropped, counted)
 DEFAULT_DEADLINES = {"hello": 120.0, "load_model": 600.0, "train": 7200.0, "perf": 1800.0}
 DEFAULT_DEADLINE = 900.0
 
@@ -42,6 +47,7 @@ class WorkerSpec:
     argv: list[str]                # absolute interpreter first
     env: dict[str, str] = field(default_factory=dict)
     framework: str | None = None   # the framework HELLO must report (None: any)
+    fix: str = ""                  # what to tell the user when this worker cannot start
 
 
 @dataclass
@@ -51,7 +57,11 @@ class WorkerHandle:
     log_path: Path | None
     hello: dict[str, Any] = field(default_factory=dict)
     current_op: str | None = None
-    stray_messages: int = 0
+    last_op: str | None = None
+    stray_messages: int = 0        # malformed messages from this identity, dropped
+    first_malformed: str = ""
+    last_malformed: str = ""
+    stopped: bool = False          # stopped on purpose (stop_worker): its exit is no death
 
     def log_tail(self, lines: int = 30) -> str:
         if not self.log_path or not self.log_path.exists():
@@ -83,6 +93,27 @@ def private_run_socket(run_dir: Path) -> str:
     return f"ipc://{path}"
 
 
+def lock_run_dir(run_dir: Path) -> int:
+    """Hold ``<run_dir>/.lock`` for the whole run; returns the fd (closing it releases the lock).
+
+    Two runs pointed at one directory would otherwise both bind its ipc socket (the
+    second silently steals it) and interleave their reports: the second fails at once.
+    """
+    import fcntl
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise UsageError(f"run directory {run_dir} is in use by another run (pid {holder}); "
+                         f"choose another --out") from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd
+
+
 class Session:
     """One ROUTER, several workers; context manager that always stops the workers."""
 
@@ -94,11 +125,12 @@ class Session:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
-        self.sock.setsockopt(zmq.MAXMSGSIZE, -1)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)  # ZeroMQ drops a peer sending more
         self.auth = None
         if server_curve:
             from .security import start_authenticator
             self.auth = start_authenticator(self.ctx, server_curve["allowed"])
+            self.auth.watch(self.sock)  # handshake failures that never reach the authenticator
             self.sock.curve_server = True
             self.sock.curve_publickey = server_curve["public"]
             self.sock.curve_secretkey = server_curve["secret"]
@@ -107,10 +139,16 @@ class Session:
         if self.endpoint.startswith("tcp://") and self.endpoint.endswith(":0"):
             self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.workers: dict[str, WorkerHandle] = {}
-        self.deadlines = dict(DEFAULT_DEADLINES, **(deadlines or {}))
+        given = dict(deadlines or {})
+        star = given.pop("*", None)  # "*": every op (--timeout), except the HELLO wait
+        self.default_deadline = DEFAULT_DEADLINE if star is None else star
+        self.deadlines = {k: (v if star is None or k == "hello" else star) for k, v in DEFAULT_DEADLINES.items()}
+        self.deadlines.update(given)
         self._ids = itertools.count(1)
         self._inbox: list[tuple[str, Message]] = []
-        self.discarded = 0
+        self.discarded = 0             # stale/duplicate replies and messages from unknown identities
+        self.interrupted_at: float | None = None
+        self.interrupt_grace = INTERRUPT_GRACE_S
 
     # -- lifecycle -----------------------------------------------------------------
     def __enter__(self) -> "Session":
@@ -128,13 +166,14 @@ class Session:
         argv = list(spec.argv) + ["--connect", self.endpoint, "--name", spec.name, "--parent-pid", str(os.getpid())]
         if not Path(argv[0]).is_absolute() or not Path(argv[0]).exists():
             raise WorkerStartupError(f"{spec.name} worker: interpreter {argv[0]} does not exist "
-                                     f"(run `coordinator envs create` to build the environment)")
+                                     f"({spec.fix or 'run `coordinator envs create` to build the environment'})")
         logf = open(log_path, "ab", buffering=0)
         try:
             proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=env, cwd=str(self.run_dir), start_new_session=True)
         except OSError as exc:
-            raise WorkerStartupError(f"{spec.name} worker could not start {argv[0]}: {exc}") from exc
+            raise WorkerStartupError(f"{spec.name} worker could not start {argv[0]}: {exc}"
+                                     f"{' (' + spec.fix + ')' if spec.fix else ''}") from exc
         finally:
             logf.close()
         handle = WorkerHandle(spec, proc, log_path)
@@ -154,16 +193,24 @@ class Session:
         pending = set(n for n in names if not self.workers[n].hello)
         deadline = time.monotonic() + timeout
         while pending:
+            if self.interrupted_at is not None:
+                raise Interrupted("interrupted while waiting for the workers to start")
             left = deadline - time.monotonic()
             if left <= 0:
                 who = ", ".join(sorted(pending))
                 tails = "\n".join(f"--- {n} log tail ---\n{self.workers[n].log_tail()}" for n in sorted(pending))
-                raise WorkerStartupError(f"no HELLO from {who} worker within {timeout:.0f}s\n{tails}")
+                fixes = "".join(f"\n{n}: {self.workers[n].spec.fix}" for n in sorted(pending) if self.workers[n].spec.fix)
+                auth = f"\n{self.auth.explain()}" if self.auth is not None else ""
+                raise WorkerStartupError(f"no HELLO from {who} worker within {timeout:g}s (started, but silent: "
+                                         f"stuck importing, or cannot reach {self.endpoint}){fixes}{auth}\n{tails}")
             got = self._recv(min(left, LIVENESS_S))
             if got is None:
                 self._check_alive(pending, op="hello (start-up)", startup=True)
                 continue
             name, msg = got
+            if msg.kind == "hello" and name not in pending:
+                self.discarded += 1  # a second HELLO: nothing to do with it
+                continue
             if msg.kind != "hello":
                 self._stash(name, msg)
                 continue
@@ -183,12 +230,17 @@ class Session:
         want = handle.spec.framework
         if want and info.get("framework") != want:
             self._send(name, encode("request", 0, "shutdown", {}))
+            fix = f" ({handle.spec.fix})" if handle.spec.fix else ""
             raise WorkerStartupError(f"{name} worker says it runs {info.get('framework')!r}, expected {want!r}: "
-                                     f"check the environment it was started from ({info.get('executable')})")
+                                     f"check the environment it was started from ({info.get('executable')}){fix}")
         handle.hello = info
 
     def close(self, timeout: float = 5.0) -> None:
-        """Ask workers to shut down, then terminate, then kill: nothing is left behind."""
+        """Ask workers to shut down, then terminate, then kill: nothing is left behind.
+
+        A worker that never said HELLO (silent, or still importing) cannot hear a
+        shutdown request: it is terminated at once instead of after ``timeout``.
+        """
         for name, h in self.workers.items():
             if h.proc is None or h.proc.poll() is None:
                 try:
@@ -198,6 +250,9 @@ class Session:
         end = time.monotonic() + timeout
         for h in self.workers.values():
             if h.proc is None:
+                continue
+            if not h.hello:
+                self._kill(h)
                 continue
             try:
                 h.proc.wait(max(0.1, end - time.monotonic()))
@@ -209,17 +264,43 @@ class Session:
         self.sock.close(0)
         self.ctx.term()
 
-    def _kill(self, h: WorkerHandle) -> None:
-        if h.proc is None or h.proc.poll() is not None:
-            return
+    def _kill(self, h: WorkerHandle) -> str:
+        """SIGTERM, then SIGKILL after TERM_GRACE_S; says which it took (a hang in C may ignore SIGTERM)."""
+        if h.proc is None:
+            return "not stopped (remote: not started by this coordinator)"
+        if h.proc.poll() is not None:
+            return "already exited"
         h.proc.terminate()
         try:
-            h.proc.wait(3)
+            h.proc.wait(TERM_GRACE_S)
+            return "terminated (SIGTERM)"
         except subprocess.TimeoutExpired:
             h.proc.kill()
             h.proc.wait(5)
+            return f"killed with SIGKILL (it ignored SIGTERM for {TERM_GRACE_S:g}s)"
+
+    def interrupt(self) -> None:
+        """First Ctrl-C: issue no new op; the op in flight gets ``interrupt_grace`` seconds to finish."""
+        if self.interrupted_at is None:
+            self.interrupted_at = time.monotonic()
+
+    def deadline_for(self, op: str) -> float:
+        return self.deadlines.get(op, self.default_deadline)
+
+    def stats(self) -> dict[str, Any]:
+        """Protocol counters for the report: what was dropped instead of failing the run."""
+        return {"discarded": self.discarded,
+                "malformed": {n: h.stray_messages for n, h in self.workers.items() if h.stray_messages},
+                "first_malformed": {n: h.first_malformed for n, h in self.workers.items() if h.first_malformed}}
+
+    def drain(self, quiet_s: float = 0.2) -> None:
+        """Read and drop whatever arrives until the socket is quiet for ``quiet_s`` (tests, shutdown)."""
+        while self.sock.poll(int(quiet_s * 1000)):
+            if self._recv(0) is not None:
+                self.discarded += 1
 
     def stop_worker(self, name: str) -> None:
+        self.workers[name].stopped = True
         self._kill(self.workers[name])
 
     # -- requests --------------------------------------------------------------------
@@ -232,26 +313,34 @@ class Session:
         """Send one request to each named worker at once, gather the replies.
 
         Partial replies are handed to ``on_partial(worker, body)`` as they arrive.
-        Replies whose request id is not outstanding (stale, duplicate) are discarded.
+        Replies whose request id is not outstanding (stale, duplicate) are discarded;
+        malformed messages are counted and dropped (see docs/robustness.md). Nothing is
+        ever retried: a mutating op that timed out may have run, so the run fails instead.
         """
+        if self.interrupted_at is not None:
+            ops = ", ".join(f"{op!r} on {n}" for n, (op, _) in calls.items())
+            raise Interrupted(f"interrupted: did not start {ops}")
         outstanding: dict[str, int] = {}
         for name, (op, body) in calls.items():
             rid = next(self._ids)
             self._send(name, encode("request", rid, op, body), op=op)
             outstanding[name] = rid
             self.workers[name].current_op = op
+            self.workers[name].last_op = op
         results: dict[str, Any] = {}
         errors: list[RemoteError] = []
-        deadlines = {n: time.monotonic() + (timeout or self.deadlines.get(calls[n][0], DEFAULT_DEADLINE))
-                     for n in calls}
+        limits = {n: timeout or self.deadline_for(calls[n][0]) for n in calls}
+        deadlines = {n: time.monotonic() + limits[n] for n in calls}
+        malformed0 = {n: self.workers[n].stray_messages for n in calls}
         while outstanding:
             got = self._next_for(outstanding)
             if got is None:
-                self._check_alive(set(outstanding), op=None)
+                self._check_alive(set(self.workers), op=None)  # an idle worker dying counts too
                 now = time.monotonic()
                 for n in list(outstanding):
                     if now > deadlines[n]:
-                        self._hung(n, calls[n][0], timeout or self.deadlines.get(calls[n][0], DEFAULT_DEADLINE))
+                        self._hung(n, calls[n][0], limits[n], self.workers[n].stray_messages - malformed0[n])
+                self._check_interrupt_grace(outstanding, calls)
                 continue
             name, msg = got
             if msg.kind == "partial":
@@ -268,6 +357,15 @@ class Session:
             raise WorkerFailed(errors[0])
         return results
 
+    def _check_interrupt_grace(self, outstanding: dict[str, int], calls: dict[str, tuple[str, Any]]) -> None:
+        if self.interrupted_at is None or time.monotonic() < self.interrupted_at + self.interrupt_grace:
+            return
+        busy = ", ".join(f"{calls[n][0]!r} on {n}" for n in outstanding)
+        for n in outstanding:  # its op would run on: stop it now rather than in close()
+            self._kill(self.workers[n])
+        raise Interrupted(f"interrupted: {busy} did not finish within the {self.interrupt_grace:g}s grace period; "
+                          f"stopped the worker")
+
     def _next_for(self, outstanding: dict[str, int]) -> tuple[str, Message] | None:
         for i, (name, msg) in enumerate(self._inbox):
             if outstanding.get(name) == msg.id:
@@ -276,15 +374,18 @@ class Session:
         if got is None:
             return None
         name, msg = got
-        if msg.kind == "error" and msg.id == -1:
+        if msg.kind == "error" and msg.id == -1 and name in outstanding:
             # the worker could not parse something we sent: a protocol failure, not an op failure
             raise ProtocolMismatch(f"{name} worker rejected a message: {RemoteError.from_body(msg.body).message}")
-        if outstanding.get(name) != msg.id or msg.kind == "hello":
+        if outstanding.get(name) != msg.id or msg.kind not in ("partial", "reply", "error"):
             self.discarded += 1  # stale or duplicate reply, or one for a request we gave up on
             return None
         return got
 
     def _stash(self, name: str, msg: Message) -> None:
+        if len(self._inbox) >= MAX_STASH:
+            self.discarded += 1
+            return
         self._inbox.append((name, msg))
 
     def _send(self, name: str, frames: list, op: str = "?") -> None:
@@ -297,6 +398,12 @@ class Session:
             raise
 
     def _recv(self, timeout_s: float) -> tuple[str, Message] | None:
+        """One decoded message, or None: nothing came, or what came was dropped and counted.
+
+        A malformed message never fails the run by itself: a rogue or broken peer could
+        otherwise end any run at will. It is counted per identity; if the real reply
+        then never comes, the deadline turns the count into a protocol error.
+        """
         if not self.sock.poll(int(timeout_s * 1000)):
             return None
         frames = self.sock.recv_multipart(copy=False)
@@ -304,30 +411,59 @@ class Session:
         if ident not in self.workers:
             self.discarded += 1
             return None
+        if self.auth is not None and len(frames) > 1 and not self.auth.owns(ident, frames[1]):
+            self.discarded += 1  # an admitted key speaking under another worker's name
+            return None
         try:
             return ident, decode(frames[1:])
         except ProtocolError as exc:
-            self.workers[ident].stray_messages += 1
-            raise ProtocolMismatch(f"{ident} worker sent a malformed message: {exc}") from None
+            h = self.workers[ident]
+            h.stray_messages += 1
+            h.last_malformed = str(exc)[:300]
+            h.first_malformed = h.first_malformed or h.last_malformed
+            return None
 
     def _check_alive(self, names: set[str], op: str | None, startup: bool = False) -> None:
         for n in sorted(names):
             h = self.workers[n]
-            if h.proc is not None and h.proc.poll() is not None:
-                what = op or h.current_op or "?"
-                others = [o for o in self.workers if o != n]
-                for o in others:
-                    self._kill(self.workers[o])
-                cls = WorkerStartupError if startup else WorkerDied
-                raise cls(f"{n} worker {h.exit_description()} during {what}"
-                          f"{' before HELLO' if startup else ''}; log {h.log_path}:\n{h.log_tail()}")
+            if h.proc is None or h.stopped or h.proc.poll() is None:
+                continue
+            what = op or h.current_op
+            when = f"during {what}" if what else f"while idle (last op {h.last_op or 'none'})"
+            stopped = "".join(f"; stopped the {o} worker: {self._kill(w)}" for o, w in self.workers.items()
+                              if o != n and w.proc is not None)
+            if startup:
+                raise WorkerStartupError(f"{n} worker {h.exit_description()} {when} before HELLO{stopped}"
+                                         f"{_startup_hint(h)}\nlog {h.log_path}:\n{h.log_tail()}")
+            raise WorkerDied(f"{n} worker {h.exit_description()} {when}{stopped}; "
+                             f"log {h.log_path}:\n{h.log_tail()}")
 
-    def _hung(self, name: str, op: str, limit: float) -> None:
+    def _hung(self, name: str, op: str, limit: float, malformed: int = 0) -> None:
         h = self.workers[name]
         if h.proc is not None and h.proc.poll() is None and hasattr(signal, "SIGUSR1"):
-            os.kill(h.proc.pid, signal.SIGUSR1)  # faulthandler dumps every thread's stack to the log
-            time.sleep(0.5)
+            try:
+                os.kill(h.proc.pid, signal.SIGUSR1)  # faulthandler dumps every thread's stack to the log
+                time.sleep(0.5)
+            except ProcessLookupError:
+                pass
+        how = self._kill(h)
         for w in self.workers.values():
             self._kill(w)
-        raise WorkerHung(f"{name} worker did not answer op {op!r} within {limit:.0f}s; stopped it. "
-                         f"Its stacks (log {h.log_path}):\n{h.log_tail(60)}")
+        stacks = f"Its stacks (log {h.log_path}):\n{h.log_tail(60)}"
+        if malformed:
+            raise ProtocolMismatch(f"{name} worker sent {malformed} malformed message(s) and no valid reply to op "
+                                   f"{op!r} within {limit:g}s (last: {h.last_malformed}); {how}. {stacks}")
+        raise WorkerHung(f"{name} worker did not answer op {op!r} within {limit:g}s; {how}. {stacks}")
+
+
+def _startup_hint(h: WorkerHandle) -> str:
+    """Turn the usual start-up failures into what to do about them."""
+    import re
+    lines = []
+    m = re.search(r"^(ModuleNotFoundError|ImportError): .*$", h.log_tail(60), re.MULTILINE)
+    if m:
+        lines.append(f"its environment ({h.spec.argv[0] if h.spec.argv else '?'}) cannot import what it needs: "
+                     f"{m.group(0)}")
+    if h.spec.fix:
+        lines.append(f"fix: {h.spec.fix}")
+    return "".join(f"\n{line}" for line in lines)

@@ -29,9 +29,64 @@ def _configure() -> tuple[str, int]:
     device = os.environ.get("LOCKSTEP_DEVICE", "cpu")
     n = int(os.environ.get("OMP_NUM_THREADS", "0") or 0)  # set by the launcher before paddle loads
     if device.startswith("gpu"):
-        paddle.set_flags({"FLAGS_cudnn_deterministic": True})
+        _make_deterministic()
     paddle.set_device(device)
     return device, n
+
+
+_DETERMINISM_FLAGS = ("FLAGS_cudnn_deterministic", "FLAGS_embedding_deterministic", "FLAGS_cudnn_exhaustive_search")
+
+
+def _core() -> Any:
+    return getattr(getattr(paddle, "base", None), "core", None) or paddle.fluid.core  # 2.6+ / older
+
+
+def _make_deterministic() -> None:
+    """GPU results must not depend on TF32 or on the kernel autotuner's choice."""
+    want = {"FLAGS_cudnn_deterministic": True, "FLAGS_embedding_deterministic": 1,
+            "FLAGS_cudnn_exhaustive_search": False}
+    for flag, value in want.items():
+        try:
+            paddle.set_flags({flag: value})
+        except (ValueError, RuntimeError):
+            pass  # the flag does not exist in this build; the report shows it as missing
+    core = _core()
+    for switch in ("set_cublas_switch", "set_cudnn_switch"):  # False: no TF32 in cuBLAS / cuDNN
+        if hasattr(core, switch):
+            getattr(core, switch)(False)
+
+
+def _gpu_hello() -> dict[str, Any]:
+    """Name, memory, local index and the physical identity (UUID from nvidia-smi: paddle has none)."""
+    from protocol.gpu import nvidia_smi_identity
+    info: dict[str, Any] = {"visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    try:
+        props = paddle.device.cuda.get_device_properties()
+        info["device_name"] = props.name
+        info["device_memory"] = int(props.total_memory)
+        info["device_index"] = int(paddle.device.get_device().partition(":")[2] or 0)
+    except Exception as exc:  # report, don't fail the handshake
+        info["device_error"] = str(exc)
+    smi = nvidia_smi_identity()
+    info["nvidia_smi"] = smi
+    if smi.get("uuid"):
+        info["device_uuid"] = smi["uuid"]
+    return info
+
+
+def _determinism() -> dict[str, Any]:
+    """The switches that decide whether GPU math is reproducible, as they are now (for summary.json)."""
+    out: dict[str, Any] = {}
+    for flag in _DETERMINISM_FLAGS:
+        try:
+            out[flag] = paddle.get_flags([flag])[flag]
+        except (ValueError, RuntimeError):
+            out[flag] = None  # not in this build (CPU builds have no cuDNN flags)
+    core = _core()
+    for switch, key in (("get_cublas_switch", "allow_tf32_cublas"), ("get_cudnn_switch", "allow_tf32_cudnn")):
+        out[key] = bool(getattr(core, switch)()) if hasattr(core, switch) else None
+    out["NVIDIA_TF32_OVERRIDE"] = os.environ.get("NVIDIA_TF32_OVERRIDE")
+    return out
 
 
 
@@ -65,14 +120,8 @@ class PaddleAdapter(*_MIXINS, Adapter):
                 "device": self.device, "threads": self.threads, "platform": platform.platform(),
                 "cuda_available": paddle.device.is_compiled_with_cuda()}
         if self.device.startswith("gpu"):
-            try:
-                props = paddle.device.cuda.get_device_properties()
-                info["device_name"] = props.name
-                info["device_memory"] = int(props.total_memory)
-            except Exception as exc:  # report, don't fail the handshake
-                info["device_error"] = str(exc)
-            info["deterministic"] = {"FLAGS_cudnn_deterministic": True,
-                                     "NVIDIA_TF32_OVERRIDE": os.environ.get("NVIDIA_TF32_OVERRIDE")}
+            info.update(_gpu_hello())
+        info["determinism"] = _determinism()
         return info
 
     def op_load_model(self, body: dict, ctx: Any) -> dict:

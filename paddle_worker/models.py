@@ -1,4 +1,5 @@
-"""Model presets for the paddle side: the PaddleNLP twin of a HF BERT, built from its config.
+"""Models for the paddle side: the PaddleNLP twin of a HF BERT (built from torch's config),
+or a user factory ``module.path:function`` (contract: ``protocol/factory.py``).
 
 ``inject`` applies deliberate porting bugs (negative controls for tests and demos):
 ``ln_eps:<layer>:<eps>`` sets one encoder LayerNorm's epsilon, ``gelu_tanh:<layer>``
@@ -13,10 +14,17 @@ from typing import Any
 import paddle
 import paddle.nn.functional as F
 
+from protocol import factory as FF
+
 HF_TO_PADDLE_CONFIG = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                        "intermediate_size", "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob",
                        "max_position_embeddings", "type_vocab_size", "initializer_range", "pad_token_id",
                        "layer_norm_eps")
+
+
+# Injects that ops (not the model builder) apply, e.g. ``adamw_eps`` in ops_train.py; each
+# ops_*.py module adds its own names here at import.
+OP_INJECTS: set[str] = set()
 
 
 def build_bert(config: dict[str, Any], num_labels: int, inject: list[str]) -> paddle.nn.Layer:
@@ -31,14 +39,56 @@ def build_bert(config: dict[str, Any], num_labels: int, inject: list[str]) -> pa
             layers[int(parts[1])].norm1._epsilon = float(parts[2])
         elif parts[0] == "gelu_tanh":
             layers[int(parts[1])].activation = lambda x: F.gelu(x, approximate=True)
+        elif parts[0] in OP_INJECTS:
+            continue  # applied by the op that owns it (ops_*.py modules register their names)
         else:
-            raise ValueError(f"unknown inject {item!r} (known: ln_eps:L:EPS, gelu_tanh:L)")
+            raise ValueError(f"unknown inject {item!r} (known: ln_eps:L:EPS, gelu_tanh:L, "
+                             f"{', '.join(sorted(OP_INJECTS))})")
     return model
+
+
+# The factory result of the model loaded last (one model per worker): see factory_extras.
+_FACTORY: FF.Loaded | None = None
+
+
+def load_factory(body: dict[str, Any]) -> tuple[paddle.nn.Layer, dict]:
+    """Import and call a user factory inside this (the paddle) environment."""
+    global _FACTORY
+    import numpy as np
+    spec, seed = str(body["preset"]), int(body.get("seed", 0))
+    bad = [i for i in body.get("inject") or [] if i.split(":")[0] not in OP_INJECTS]
+    if bad:
+        raise ValueError(f"inject {bad} applies to the BERT presets only, not to factory model {spec!r}")
+    fn = FF.import_factory(spec, list(body.get("sys_path") or []))
+    paddle.seed(seed)
+    loaded = FF.normalize(spec, FF.call_factory(fn, seed), lambda m: isinstance(m, paddle.nn.Layer),
+                          "paddle.nn.Layer", lambda x: x.numpy() if isinstance(x, paddle.Tensor) else np.asarray(x))
+    _FACTORY = loaded
+    return loaded.model, FF.model_info(spec, loaded, sum(int(p.numel()) for p in loaded.model.parameters()))
+
+
+def factory_extras(model: Any) -> FF.Loaded | None:
+    """The loss / optimizer a factory returned with ``model`` (None for presets)."""
+    return _FACTORY if _FACTORY is not None and _FACTORY.model is model else None
+
+
+def factory_loss(model: Any, info: dict, batch: dict[str, Any]) -> Any:
+    """The factory's ``loss(outputs, batch)`` on this batch (outputs named as the forward op names them).
+
+    For training ops on factory models (``info['supports']['loss']``); raises if the factory gave no loss.
+    """
+    extras = factory_extras(model)
+    if extras is None or extras.loss is None:
+        raise ValueError(f"model {info.get('factory', info.get('kind'))!r} has no loss: return "
+                         f"{{'model': m, 'loss': fn(outputs, batch)}} from the factory")
+    return extras.loss(forward(model, info, batch), batch)
 
 
 def load(body: dict[str, Any]) -> tuple[paddle.nn.Layer, dict]:
     preset = body.get("preset", "minilm")
     inject = list(body.get("inject") or [])
+    if FF.is_factory_spec(preset):
+        return load_factory(body)
     if preset in ("minilm", "bert"):
         config = body.get("config")
         if not isinstance(config, dict):
@@ -48,10 +98,12 @@ def load(body: dict[str, Any]) -> tuple[paddle.nn.Layer, dict]:
         model = build_bert(config, num_labels, inject)
         return model, {"kind": "bert", "config": config, "inject": inject,
                        "n_params": int(sum(int(p.numel()) for p in model.parameters()))}
-    raise ValueError(f"unknown paddle model preset {preset!r} (known: minilm, bert)")
+    raise ValueError(f"unknown paddle model preset {preset!r} (known: minilm, bert, or module.path:function)")
 
 
 def forward(model: paddle.nn.Layer, info: dict, inputs: dict[str, Any]) -> dict[str, Any]:
+    if info.get("kind") == "factory":
+        return FF.name_outputs(model(**inputs), lambda x: isinstance(x, paddle.Tensor))
     ids = inputs["input_ids"]
     seq, pooled = model.bert(ids, token_type_ids=inputs.get("token_type_ids"),
                              attention_mask=inputs.get("attention_mask"))

@@ -14,6 +14,7 @@ frame must be consumed, and the header has a size limit.
 from __future__ import annotations
 
 import math
+import os
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -34,7 +35,26 @@ BF16 = "bfloat16"  # travels as its uint16 bit pattern
 EXT_ARRAY = 1
 CHUNK_BYTES = 32 << 20          # split tensors larger than this into several frames
 MAX_HEADER_BYTES = 64 << 20     # a header this large is garbage or abuse
-MAX_FRAME_BYTES = 1 << 31       # per-frame limit (chunks are far smaller)
+
+
+def _frame_limit() -> int:
+    """Per-frame size limit: decode() refuses bigger frames, and it is ZeroMQ's MAXMSGSIZE
+    on the coordinator's ROUTER (a peer sending more is disconnected before the bytes
+    are buffered; an honest worker reconnects).
+
+    ``LOCKSTEP_MAX_FRAME_BYTES`` overrides it (both sides must agree: a local worker
+    inherits the coordinator's environment). ``encode`` never produces a larger frame
+    (tensors are chunked below it; a larger header is refused by name).
+    """
+    raw = os.environ.get("LOCKSTEP_MAX_FRAME_BYTES", "")
+    try:
+        value = int(raw) if raw else 64 << 20
+    except ValueError:
+        raise ProtocolError(f"LOCKSTEP_MAX_FRAME_BYTES={raw!r} is not an integer") from None
+    return max(value, 4096)
+
+
+MAX_FRAME_BYTES = _frame_limit()  # per-frame limit: chunks and headers stay below it
 MAX_MESSAGE_BYTES = 1 << 36     # total tensor bytes one message may announce
 
 KINDS = ("hello", "request", "partial", "reply", "error")
@@ -112,7 +132,8 @@ def encode(kind: str, id: int, op: str, body: Any = None, version: int | None = 
         else:
             raise TypeError(f"cannot encode {type(obj).__name__}")
         raw = arr.reshape(-1).view(np.uint8) if arr.size else np.empty(0, np.uint8)
-        chunks = [raw[i:i + CHUNK_BYTES] for i in range(0, raw.size, CHUNK_BYTES)] or [raw]
+        step = min(CHUNK_BYTES, MAX_FRAME_BYTES)
+        chunks = [raw[i:i + step] for i in range(0, raw.size, step)] or [raw]
         table.append([dtype_name, list(arr.shape), len(chunks)])
         frames.extend(memoryview(c) for c in chunks)
         return msgpack.ExtType(EXT_ARRAY, struct.pack("<I", len(table) - 1))
@@ -125,6 +146,10 @@ def encode(kind: str, id: int, op: str, body: Any = None, version: int | None = 
         raise ProtocolError(f"cannot encode message for op {op!r}: {exc}") from exc
     # The arrays table goes after the body was walked; pack it as a second map entry.
     header_frame = msgpack.packb({"a": table}, use_bin_type=True) + packed
+    limit = min(MAX_HEADER_BYTES, MAX_FRAME_BYTES)
+    if len(header_frame) > limit:  # the peer would drop it (or the connection): fail here, by name
+        raise ProtocolError(f"header of op {op!r} is {len(header_frame)} bytes, limit {limit} "
+                            f"(send large data as numpy arrays, which are chunked)")
     return [header_frame, *frames]
 
 
@@ -141,12 +166,27 @@ def _check_shape(shape: Any) -> tuple[int, ...]:
 
 
 def decode(frames: Sequence[Any]) -> Message:
-    """Parse and validate one message; raise ProtocolError on anything malformed."""
+    """Parse and validate one message; raise ProtocolError on anything malformed.
+
+    Only ProtocolError ever leaves: whatever else a hostile message provokes (numpy's
+    "array is too big" for a zero-sized shape with huge dimensions, ...) is wrapped,
+    so a peer's garbage can never crash the process that reads it.
+    """
+    try:
+        return _decode(frames)
+    except ProtocolError:
+        raise
+    except Exception as exc:
+        raise ProtocolError(f"malformed message: {type(exc).__name__}: {exc}") from None
+
+
+def _decode(frames: Sequence[Any]) -> Message:
     if not frames:
         raise ProtocolError("empty message")
     head = _buffer(frames[0])
-    if len(head) > MAX_HEADER_BYTES:
-        raise ProtocolError(f"header frame of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
+    limit = min(MAX_HEADER_BYTES, MAX_FRAME_BYTES)
+    if len(head) > limit:
+        raise ProtocolError(f"header frame of {len(head)} bytes exceeds {limit}")
     unpacker = msgpack.Unpacker(raw=False, max_buffer_size=max(len(head), 1),
                                 ext_hook=lambda code, data: _Placeholder(code, data))
     try:
@@ -190,6 +230,9 @@ def decode(frames: Sequence[Any]) -> Message:
             raise ProtocolError(f"message announces {total} tensor bytes, limit {MAX_MESSAGE_BYTES}")
         bufs = [_buffer(f) for f in frames[pos:pos + nframes]]
         pos += nframes
+        if any(len(b) > MAX_FRAME_BYTES for b in bufs):
+            raise ProtocolError(f"array {len(arrays)} has a frame of {max(len(b) for b in bufs)} bytes, "
+                                f"over the {MAX_FRAME_BYTES}-byte frame limit (LOCKSTEP_MAX_FRAME_BYTES)")
         got = sum(len(b) for b in bufs)
         if got != need or any(len(b) > MAX_FRAME_BYTES for b in bufs):
             raise ProtocolError(f"array {len(arrays)} ({dtype_name}{list(shape)}) needs {need} bytes, frames hold {got}")

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import platform
 import signal
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -41,12 +43,37 @@ class _Shutdown(Exception):
     pass
 
 
-def _parent_gone(parent_pid: int | None) -> bool:
-    if not parent_pid:
-        return False
-    if os.getppid() != parent_pid:
+def _parent_gone(parent_pid: int, start_ppid: int) -> bool:
+    """The coordinator is gone when we were re-parented or its pid no longer exists."""
+    if os.getppid() != start_ppid:
         return True
+    try:
+        os.kill(parent_pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass
     return False
+
+
+def watch_parent(name: str, parent_pid: int | None, interval: float = 0.5) -> None:
+    """Exit when the local coordinator dies, even while an op is running.
+
+    A thread, not a check in the request loop, because a long op (or a hang) keeps the
+    loop from running; ``os._exit`` because nobody is left to report to. A worker stuck
+    in C code that holds the GIL cannot be noticed this way (documented limitation).
+    """
+    if not parent_pid:
+        return
+    start_ppid = os.getppid()
+
+    def loop() -> None:
+        while not _parent_gone(parent_pid, start_ppid):
+            time.sleep(interval)
+        print(f"[{name}] coordinator (pid {parent_pid}) is gone; exiting", file=sys.stderr, flush=True)
+        os._exit(3)
+
+    threading.Thread(target=loop, name="lockstep-parent-watch", daemon=True).start()
 
 
 def serve(name: str, endpoint: str, handlers: dict[str, Handler], hello: dict[str, Any],
@@ -63,24 +90,21 @@ def serve(name: str, endpoint: str, handlers: dict[str, Handler], hello: dict[st
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 2000)
     sock.setsockopt(zmq.IDENTITY, name.encode())
+    # No MAXMSGSIZE here: ZeroMQ would drop the connection for good (a protocol error is
+    # never reconnected), leaving a deaf worker; decode() refuses frames over
+    # codec.MAX_FRAME_BYTES instead and the coordinator gets an error at once.
     if curve:
         sock.curve_publickey = curve["public"]
         sock.curve_secretkey = curve["secret"]
         sock.curve_serverkey = curve["server"]
     sock.connect(endpoint)
-    info = dict(hello, protocol=PROTOCOL_VERSION, worker=name, pid=os.getpid(),
+    info = dict(hello, protocol=PROTOCOL_VERSION, worker=name, pid=os.getpid(), host=platform.node(),
                 executable=sys.executable, python=sys.version.split()[0])
     sock.send_multipart(encode("hello", 0, "hello", info))
     counters = {"requests": 0, "malformed": 0}
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
+    watch_parent(name, parent_pid)
     try:
         while True:
-            if not poller.poll(500):
-                if _parent_gone(parent_pid):
-                    print(f"[{name}] coordinator (pid {parent_pid}) is gone; exiting", file=sys.stderr, flush=True)
-                    return 3
-                continue
             frames = sock.recv_multipart(copy=False)
             try:
                 msg = decode(frames)

@@ -5,10 +5,21 @@ Run as ``python tests/fake_worker.py <flavor> --connect ...`` where flavor is ``
 ``LOCKSTEP_FAKE_FAULT_<FLAVOR>``, a comma list of:
   exit-before-hello, wrong-version, wrong-framework, kill@<op>, exit@<op>, hang@<op>,
   nan@forward, bug@forward (paddle computes with a wrong bias), garbage@<op>.
+Robustness faults (tests/test_faults.py): <op> may also be ``hello`` (before HELLO) or
+``forward-partial`` (after the first partial reply was sent, i.e. while replying);
+  hangnoterm@<op>   ignore SIGTERM and spin in C holding the GIL (a stuck extension)
+  slow=<s>@<op>     sleep <s> seconds (default 30), then carry on
+  silent-before-hello  never connect
+  garbageonly@forward  send a malformed message instead of the reply, then hang
+  dup@forward, stale@forward  an extra duplicate reply / a reply with a stale request id
+``LOCKSTEP_FAKE_STAMP_DIR`` (optional): write ``<flavor>.pid`` at start and
+``<flavor>.<fault>`` (holding time.time()) just before a fault fires, so tests can
+measure detection time and find the processes.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import sys
@@ -19,16 +30,30 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from protocol.adapter import Adapter, main  # noqa: E402
+from protocol.codec import encode  # noqa: E402
 
 FLAVOR = sys.argv.pop(1) if len(sys.argv) > 1 and not sys.argv[1].startswith("-") else "torch"
 FAULTS = [f for f in os.environ.get(f"LOCKSTEP_FAKE_FAULT_{FLAVOR.upper()}", "").split(",") if f]
+STAMPS = os.environ.get("LOCKSTEP_FAKE_STAMP_DIR")
+
+
+def stamp(what: str) -> None:
+    if STAMPS:
+        path = os.path.join(STAMPS, f"{FLAVOR}.{what}")
+        with open(path + ".tmp", "w") as f:
+            f.write(repr(time.time()))
+        os.replace(path + ".tmp", path)
 
 
 def fault(op: str) -> None:
+    print(f"fake {FLAVOR}: op {op}", file=sys.stderr, flush=True)
     for f in FAULTS:
         what, _, where = f.partition("@")
         if where != op:
             continue
+        what, _, arg = what.partition("=")
+        if what in ("kill", "exit", "hang", "hangnoterm", "slow"):
+            stamp(f"{what}@{op}")
         if what == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         if what == "exit":
@@ -36,6 +61,12 @@ def fault(op: str) -> None:
         if what == "hang":
             while True:
                 time.sleep(1)
+        if what == "hangnoterm":
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            while True:  # sum() over a C iterator never returns to the eval loop: holds the GIL
+                sum(itertools.repeat(1, 10**12))
+        if what == "slow":
+            time.sleep(float(arg or 30))
 
 
 class FakeAdapter(Adapter):
@@ -45,8 +76,10 @@ class FakeAdapter(Adapter):
         self.w: dict[str, np.ndarray] = {}
 
     def hello(self) -> dict:
+        fault("hello")
         fw = "tensorflow" if "wrong-framework" in FAULTS else FLAVOR
-        return {"framework": fw, "framework_version": "fake-0", "device": "cpu"}
+        return {"framework": fw, "framework_version": "fake-0", "device": "cpu",
+                "threads": int(os.environ.get("LOCKSTEP_THREADS") or 0) or None}
 
     def op_load_model(self, body: dict, ctx) -> dict:
         fault("load_model")
@@ -59,6 +92,7 @@ class FakeAdapter(Adapter):
                 "inputs": [{"name": "x", "shape": [4, 4], "dtype": "float32"}], "n_params": 58}
 
     def op_weight_specs(self, body, ctx) -> dict:
+        fault("weight_specs")
         return {k: [list(v.shape), str(v.dtype)] for k, v in self.w.items()}
 
     def op_get_weights(self, body, ctx) -> dict:
@@ -89,12 +123,22 @@ class FakeAdapter(Adapter):
         if "bug@forward" in FAULTS:
             h = h + 0.01
         ctx.partial({"layer": "fc1", "output": h})
+        fault("forward-partial")
         y = self._linear(h, "fc2")
         if "nan@forward" in FAULTS:
             y[1, 1] = np.nan
         if "garbage@forward" in FAULTS:
             ctx._sock.send_multipart([b"\xc1\xff garbage"])
-        return {"logits": y.astype(np.float32)}
+        if "garbageonly@forward" in FAULTS:
+            ctx._sock.send_multipart([b"\xc1\xff garbage"])
+            while True:
+                time.sleep(1)
+        reply = {"logits": y.astype(np.float32)}
+        if "stale@forward" in FAULTS:
+            ctx._sock.send_multipart(encode("reply", ctx.id - 1, "forward", {"logits": y * 0}))
+        if "dup@forward" in FAULTS:
+            ctx._sock.send_multipart(encode("reply", ctx.id, "forward", reply))
+        return reply
 
     def op_sleep(self, body, ctx) -> dict:
         time.sleep(float(body.get("seconds", 0)))
@@ -102,6 +146,13 @@ class FakeAdapter(Adapter):
 
 
 if __name__ == "__main__":
+    if STAMPS:
+        with open(os.path.join(STAMPS, f"{FLAVOR}.pid.tmp"), "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(os.path.join(STAMPS, f"{FLAVOR}.pid.tmp"), os.path.join(STAMPS, f"{FLAVOR}.pid"))
+    if "silent-before-hello" in FAULTS:
+        while True:
+            time.sleep(1)
     if "exit-before-hello" in FAULTS:
         print("fake worker: exiting before hello as asked", file=sys.stderr)
         sys.exit(3)

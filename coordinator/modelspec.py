@@ -1,0 +1,80 @@
+"""Which models a run compares, and how their weights are mapped (framework-free).
+
+A model spec is a preset word (``minilm``, ``bert``) or a factory ``module.path:function``
+that the *worker* imports in its own environment (``protocol/factory.py`` has the
+contract). The coordinator only sends the spec and the directories to search first.
+
+Weight mapping: ``--mapping`` wins; two presets use the built-in BERT mapping; anything
+else is mapped automatically (``coordinator/automap.py``) and the mapping found is
+written to ``<run>/automap.toml`` so the user can keep and edit it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .mapping import MappingError, WeightMap
+
+PRESETS = ("minilm", "bert")
+
+
+def is_factory(spec: str) -> bool:
+    return ":" in spec
+
+
+def sys_path(opts: Any, side: str) -> list[str]:
+    """Directories the worker puts first on sys.path before importing a factory: --<side>-path, then cwd."""
+    dirs = list(getattr(opts, f"{side}_path", None) or [])
+    return [os.path.abspath(d) for d in dirs] + [os.getcwd()]
+
+
+def body_extras(opts: Any, side: str) -> dict[str, Any]:
+    """What load_model needs beyond the preset body for a factory spec."""
+    spec = opts.torch_model if side == "torch" else opts.paddle_model
+    return {"sys_path": sys_path(opts, side)} if is_factory(spec) else {}
+
+
+def uses_automap(opts: Any, tinfo: dict) -> bool:
+    return not opts.mapping and not tinfo.get("default_mapping") and \
+        (opts.torch_model not in PRESETS or opts.paddle_model not in PRESETS)
+
+
+def probe_inputs(rc: Any) -> dict[str, Any] | None:
+    """Seeded inputs for the call-order probe, or None when the models declare none."""
+    from .errors import LockstepError
+    from .steps.common import gen_inputs
+    try:
+        return gen_inputs(rc)
+    except LockstepError:  # no usable inputs: fall back to registration order
+        return None
+
+
+def automatic_map(rc: Any, inputs: dict[str, Any] | None = None):
+    """Ask both workers for their parameter lists (and call order), pair them."""
+    from .automap import automap, params_from_reply
+    body = {"inputs": inputs} if inputs else {}
+    t, p = rc.both("param_info", body)
+    tparams, tcalls = params_from_reply(t)
+    pparams, pcalls = params_from_reply(p)
+    return automap(tparams, pparams, tcalls, pcalls)
+
+
+def choose_weight_map(rc: Any) -> WeightMap:
+    """The mapping this run uses; an incomplete automatic mapping stops the run naming every module."""
+    tinfo = rc.model_info["torch"]
+    if not uses_automap(rc.opts, tinfo):
+        return WeightMap.load(rc.opts.mapping or tinfo.get("default_mapping") or "bert")
+    rc.say("  no --mapping: pairing parameters automatically (structure, call order, shapes)")
+    found = automatic_map(rc, probe_inputs(rc))
+    path = Path(rc.out) / "automap.toml"
+    path.write_text(found.to_toml(f"automatic mapping for torch {rc.opts.torch_model} -> paddle "
+                                  f"{rc.opts.paddle_model}"))
+    rc.cache["automap"] = {"pairs": len(found.pairs), "order": found.order, "file": str(path),
+                           "notes": {p.torch.name: p.note for p in found.pairs if p.note}}
+    if not found.complete:
+        raise MappingError(found.problems() + [f"(the partial mapping is in {path}: complete it and pass "
+                                               f"--mapping {path})"], "automatic")
+    rc.say(f"  automatic mapping: {len(found.pairs)} tensors paired by {found.order} order -> {path.name}")
+    return found.to_weight_map(f"automatic ({path})")

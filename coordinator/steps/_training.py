@@ -1,0 +1,129 @@
+"""What the training steps (backward, train, perf) share: optimizer setup on both sides,
+dropout mode, converting torch-named tensors to paddle names, restoring pristine weights.
+
+A leading underscore keeps this module out of the step registry (only names in ORDER load).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..compare import TensorDiff, Tolerance, compare
+from ..errors import UsageError
+from ..runner import RunContext
+
+DROPOUT_MODES = ("off", "shared", "native")
+
+DROPOUT_NOTE = {
+    "off": "dropout switched off while training (every dropout call is the identity, as in eval mode); "
+           "use --dropout shared to train with dropout on and identical masks",
+    "shared": "dropout ON with shared masks: both sides draw each keep-mask from one seeded numpy generator "
+              "keyed by (seed, forward step, dropout call index, shape)",
+    "native": "dropout ON with each framework's own RNG: masks differ, results are not expected to match",
+}
+
+
+def dropout_mode(rc: RunContext) -> str:
+    mode = str(rc.param("dropout"))
+    if mode not in DROPOUT_MODES:
+        raise UsageError(f"--dropout {mode!r}: use off, shared (or --param dropout=native for a control)")
+    return mode
+
+
+def optim_config(rc: RunContext, lr: float) -> dict[str, float]:
+    return {"lr": float(lr), "weight_decay": float(rc.param("weight_decay")), "eps": float(rc.param("adam_eps"))}
+
+
+def setup_both(rc: RunContext, lr: float, dropout: str) -> tuple[dict, dict, TensorDiff]:
+    """Fresh optimizers on both sides; returns their reports and a check of the decay groups.
+
+    The decay groups are chosen by name patterns that differ between the frameworks
+    (torch ``LayerNorm.weight`` vs paddle ``norm``), so the check maps torch's names to
+    paddle's and names every parameter whose weight decay differs.
+    """
+    body = {"optim": optim_config(rc, lr), "dropout": dropout, "seed": rc.opts.seed}
+    t, p = rc.both("train_setup", body)
+    t_decay = {rc.weight_map.target_name(n) for n in t["decay"]}
+    p_decay = set(p["decay"])
+    only_t, only_p = sorted(t_decay - p_decay), sorted(p_decay - t_decay)
+    if only_t or only_p:
+        parts = []
+        if only_t:
+            parts.append(f"{len(only_t)} decayed on torch only (first: {only_t[0]})")
+        if only_p:
+            parts.append(f"{len(only_p)} decayed on paddle only (first: {only_p[0]})")
+        check = TensorDiff("decay_groups", False, reason="weight-decay groups differ: " + "; ".join(parts))
+    else:
+        check = TensorDiff("decay_groups", True, max_abs=0.0, mean_abs=0.0, min_abs=0.0, max_rel=0.0, value=0.0)
+    return t, p, check
+
+
+def to_paddle_names(rc: RunContext, tensors: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Torch-named, torch-layout tensors (gradients, parameters) in paddle's names and layout."""
+    out: dict[str, np.ndarray] = {}
+    for key, arr in tensors.items():
+        if rc.weight_map.ignored_source(key):
+            continue
+        for tkey, tarr, _ops in rc.weight_map.convert_one(key, arr):
+            out[tkey] = tarr
+    return out
+
+
+def compare_named(kind: str, it: int, ref: dict[str, Any], got: dict[str, Any], tol: Tolerance
+                  ) -> tuple[TensorDiff, list[TensorDiff]]:
+    """Compare every tensor; summarise as one diff named ``<kind>_<it>`` carrying the worst
+    (or first failing) parameter's statistics and name."""
+    per = []
+    for name in ref:
+        if name not in got:
+            per.append(TensorDiff(name, False, reason=f"{kind} of {name!r} missing on the paddle side"))
+        else:
+            per.append(compare(name, ref[name], got[name], tol))
+    per += [TensorDiff(n, False, reason=f"{kind} of {n!r} missing on the torch side") for n in got if n not in ref]
+    failing = [d for d in per if not d.passed]
+    finite = [d for d in per if d.value == d.value]
+    worst = max(finite, key=lambda d: d.value) if finite else (failing[0] if failing else None)
+    pick = failing[0] if failing else worst
+    summary = TensorDiff(f"{kind}_{it}", not failing, tolerance=tol.describe())
+    if pick is not None:
+        summary.max_abs, summary.mean_abs, summary.min_abs = pick.max_abs, pick.mean_abs, pick.min_abs
+        summary.max_rel, summary.value, summary.shape = pick.max_rel, pick.value, pick.shape
+        summary.worst_index, summary.dtype = pick.worst_index, pick.dtype
+    # (TensorDiff is falsy when it failed: test against None, never truthiness)
+    summary.extra = {"param": pick.name if pick is not None else None, "failing": len(failing), "of": len(per),
+                     "worst_param": worst.name if worst is not None else None,
+                     "worst_max_abs": worst.max_abs if worst is not None else None}
+    if failing:
+        summary.reason = (f"{len(failing)}/{len(per)} {kind}s exceed {tol.describe()}; first: "
+                          f"{failing[0].name}: {failing[0].reason}")
+        summary.value = failing[0].value
+    return summary, per
+
+
+def compare_dropout_calls(t_calls: list[dict], p_calls: list[dict], mode: str) -> str:
+    """'' when both sides made the same dropout calls (and, shared, drew the same masks)."""
+    if mode == "off" and not t_calls and not p_calls:
+        return ""
+    n = min(len(t_calls), len(p_calls))
+    for i in range(n):
+        t, p = t_calls[i], p_calls[i]
+        if t["shape"] != p["shape"] or abs(t["p"] - p["p"]) > 1e-12:
+            return (f"dropout call #{i} differs: torch shape {t['shape']} p={t['p']} vs paddle shape "
+                    f"{p['shape']} p={p['p']} (calls are matched by order within a forward)")
+        if mode == "shared" and t["crc"] != p["crc"]:
+            native = [side for side, c in (("torch", t), ("paddle", p)) if c["crc"] == -1]
+            why = f"{' and '.join(native)} used native dropout, not the shared mask" if native else \
+                f"crc {t['crc']} vs {p['crc']}"
+            return f"dropout call #{i} {t['shape']}: masks differ ({why})"
+    if len(t_calls) != len(p_calls):
+        return f"torch made {len(t_calls)} dropout calls per forward, paddle {len(p_calls)}"
+    return ""
+
+
+def restore_weights(rc: RunContext) -> None:
+    """Put the pristine (pre-training) weights back on both sides for the steps that follow."""
+    if "torch_weights" in rc.cache and "converted" in rc.cache:
+        rc.session.request("torch", "set_weights", rc.cache["torch_weights"])
+        rc.session.request("paddle", "set_weights", rc.cache["converted"])

@@ -1,0 +1,132 @@
+"""Step ``backward``: N AdamW iterations from identical weights on the same batch.
+
+Per iteration both workers return the loss, the lr, every gradient (read before the
+update) and every parameter after the update; torch's are mapped to paddle names and
+layout, compared, and dropped (one request per iteration, so memory stays at one
+iteration's tensors). The guide compares only the loss; a wrong optimizer setting
+(eps, weight-decay groups) shows up in the parameters at the first iteration.
+
+Tolerances (absolute, measured on MiniLM-L6 CPU float32, see docs/training.md):
+``--tolerance backward.loss=max:1e-5``, ``backward.grad=max:1e-5``,
+``backward.param=max:5e-6``, ``backward.lr=max:0``; ``--tolerance backward=...``
+sets grad and param at once.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from ..compare import Tolerance, compare
+from ..runner import RunContext, StepResult
+from ._training import (DROPOUT_NOTE, compare_dropout_calls, compare_named, dropout_mode, restore_weights,
+                        setup_both, to_paddle_names)
+from .common import ensure_converted, finish, gen_inputs
+
+DEFAULTS = {"loss": Tolerance(1e-5, "max"), "grad": Tolerance(1e-5, "max"), "param": Tolerance(5e-6, "max"),
+            "lr": Tolerance(0.0, "max")}
+
+
+def tolerances(rc: RunContext) -> dict[str, Tolerance]:
+    """``backward.<kind>`` beats ``backward`` (grad and param only) beats the default."""
+    out = {}
+    for kind, default in DEFAULTS.items():
+        base = rc.tol("backward", default) if kind in ("grad", "param") else default
+        out[kind] = rc.tol(f"backward.{kind}", base)
+    return out
+
+
+def batch(rc: RunContext) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """The coordinator's seeded batch (the guide's fake data): ids like forward's, labels 0/1."""
+    inputs = gen_inputs(rc, seed_offset=1)
+    n = next(iter(inputs.values())).shape[0]
+    labels = np.random.RandomState(rc.opts.seed + 2).randint(0, 2, (n,)).astype(np.int64)
+    return inputs, labels
+
+
+def run(rc: RunContext) -> StepResult:
+    ensure_converted(rc)
+    try:
+        return _run(rc)
+    finally:
+        restore_weights(rc)
+
+
+def _run(rc: RunContext) -> StepResult:
+    iters, mode, tols = int(rc.param("iters")), dropout_mode(rc), tolerances(rc)
+    t_setup, p_setup, decay_check = setup_both(rc, float(rc.param("lr")), mode)
+    inputs, labels = batch(rc)
+    rc.say(f"  {iters} AdamW iterations (lr {rc.param('lr')}, wd {rc.param('weight_decay')}, "
+           f"eps torch {t_setup['eps']:g} / paddle {p_setup['eps']:g}), batch {tuple(labels.shape)}, dropout {mode}")
+    diffs, rows, t_npy, p_npy = [decay_check], [], {}, {}
+    first_fail, dropout_problem = None, ""
+    per_param = open(rc.out / "backward_params.jsonl", "w")
+    try:
+        for it in range(iters):
+            t, p = rc.both("train_step", {"inputs": inputs, "labels": labels, "want": ["grads", "params"]})
+            loss_d = compare(f"loss_{it}", np.float32(t["loss"]), np.float32(p["loss"]), tols["loss"])
+            lr_d = compare(f"lr_{it}", np.float64(t["lr"]), np.float64(p["lr"]), tols["lr"])
+            grad_d, grads = compare_named("grad", it, to_paddle_names(rc, t.pop("grads")), p.pop("grads"), tols["grad"])
+            par_d, params = compare_named("param", it, to_paddle_names(rc, t.pop("params")), p.pop("params"),
+                                          tols["param"])
+            for kind, per in (("grad", grads), ("param", params)):
+                for d in per:
+                    per_param.write(json.dumps({"iter": it, "kind": kind, "param": d.name, "max_abs": _f(d.max_abs),
+                                                "mean_abs": _f(d.mean_abs), "passed": d.passed}) + "\n")
+            problem = compare_dropout_calls(t["dropout_calls"], p["dropout_calls"], mode)
+            dropout_problem = dropout_problem or (f"iteration {it}: {problem}" if problem else "")
+            diffs += [loss_d, lr_d, grad_d, par_d]
+            t_npy[f"loss_{it}"], p_npy[f"loss_{it}"] = np.float32(t["loss"]), np.float32(p["loss"])
+            t_npy[f"lr_{it}"], p_npy[f"lr_{it}"] = np.float64(t["lr"]), np.float64(p["lr"])
+            row = _row(it, t, p, loss_d, grad_d, par_d)
+            rows.append(row)
+            rc.say(f"  iter {it}: loss {row['loss_torch']:.7f} vs {row['loss_paddle']:.7f} (diff {row['loss_diff']:.1e})"
+                   f"  grad max {row['grad_max']:.1e} [{row['grad_worst']}]  param max {row['param_max']:.1e}"
+                   f" [{row['param_worst']}]" + ("" if row["passed"] else "  FAIL"))
+            if first_fail is None:
+                bad = next((d for d in (loss_d, lr_d, grad_d, par_d) if not d.passed), None)
+                if bad is not None:
+                    first_fail = f"iteration {it} ({bad.name}): {bad.reason}"
+    finally:
+        per_param.close()
+    details = {"iterations": rows, "dropout": mode, "dropout_note": DROPOUT_NOTE[mode],
+               "dropout_calls_per_forward": len(t.get("dropout_calls", [])) if iters else 0,
+               "optimizer": {"torch": _opt(t_setup), "paddle": _opt(p_setup)},
+               "tolerances": {k: v.describe() for k, v in tols.items()},
+               "batch": {k: list(v.shape) for k, v in inputs.items()},
+               "first_failure": first_fail}
+    extra = ""
+    if not decay_check.passed:
+        extra = decay_check.reason + (f"; first divergence: {first_fail}" if first_fail else "")
+    elif dropout_problem:
+        extra = dropout_problem + (f"; first divergence: {first_fail}" if first_fail else "")
+    elif first_fail:
+        extra = f"first divergence at {first_fail}"
+    rc.say(f"  {DROPOUT_NOTE[mode]}")
+    res = finish(rc, "backward", t_npy, p_npy, diffs, tols["param"], details, extra_fail=extra)
+    if res.passed:
+        res.message = (f"{iters} iterations: loss, lr, {grad_d.extra['of']} gradients and parameters within "
+                       f"tolerance (worst grad {max(r['grad_max'] for r in rows):.1e}, worst param "
+                       f"{max(r['param_max'] for r in rows):.1e}); dropout {mode}") if iters else "no iterations"
+    return res
+
+
+def _f(x: float) -> float | None:
+    return float(x) if x == x else None
+
+
+def _opt(info: dict) -> dict:
+    return {k: info[k] for k in ("lr", "eps", "weight_decay", "dropout")} | {"decayed": len(info["decay"]),
+                                                                          "not_decayed": len(info["no_decay"])}
+
+
+def _row(it: int, t: dict, p: dict, loss_d, grad_d, par_d) -> dict:
+    return {"iter": it, "loss_torch": float(t["loss"]), "loss_paddle": float(p["loss"]),
+            "loss_diff": abs(float(t["loss"]) - float(p["loss"])), "lr_torch": t["lr"], "lr_paddle": p["lr"],
+            "grad_max": grad_d.extra["worst_max_abs"] or 0.0, "grad_worst": grad_d.extra["worst_param"],
+            "param_max": par_d.extra["worst_max_abs"] or 0.0, "param_worst": par_d.extra["worst_param"],
+            "grad_failing": grad_d.extra["failing"], "param_failing": par_d.extra["failing"],
+            "first_failing_grad": grad_d.extra["param"] if not grad_d.passed else None,
+            "first_failing_param": par_d.extra["param"] if not par_d.passed else None,
+            "passed": loss_d.passed and grad_d.passed and par_d.passed}

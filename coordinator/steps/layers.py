@@ -1,0 +1,109 @@
+"""Step ``layers``: every mapped layer compared live, forward then one backward pass.
+
+Both workers stream each layer's output (and, where no mapped layer made it, its input)
+as it is computed; the coordinator compares each pair the moment both halves are here and
+drops it. The first divergent layer is replayed alone on torch's input on both sides to
+tell its OWN error (the layer computes differently) from an INHERITED one (its input was
+already off), with the usual causes for its kind (``coordinator/advice.toml``).
+
+Parameters: ``layers_backward`` (default on: one backward pass, cross-entropy on seeded
+labels, dropout off), ``layer_map`` (TOML override of the automatic pairing),
+``layers_hold_mib`` (memory for tensors waiting for their counterpart; the rest spills to
+disk). Tolerances: ``--tolerance layers=max:5e-6`` (forward) and
+``layers.backward=max:1e-4``, on max|diff| / max|torch| (see docs/layers.md).
+``--stop-at-first`` ends the run at the first divergent layer.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from ..layerdiff import Row
+from ..layerrun import capture, describe_first, layer_map, replay, seeded_labels, tolerances, top
+from ..layerview import LayerView
+from ..runner import RunContext, StepResult
+from .common import ensure_converted, gen_inputs
+
+
+def run(rc: RunContext) -> StepResult:
+    ensure_converted(rc)
+    lmap = layer_map(rc)
+    fwd_tol, bwd_tol = tolerances(rc)
+    inputs = gen_inputs(rc)
+    stop = bool(rc.opts.stop_at_first)
+    hows = Counter(p.how for p in lmap.pairs)
+    n_un = lmap.to_json()["n_unmapped"]
+    rc.say(f"  {len(lmap.pairs)} layer pairs ({', '.join(f'{v} by {k}' for k, v in hows.items())}); "
+           f"unmapped: {n_un['torch']} torch, {n_un['paddle']} paddle (listed in the report)")
+    details: dict[str, Any] = {"tolerance": {"forward": fwd_tol.describe(), "backward": bwd_tol.describe()},
+                               "map": lmap.to_json(), "stop_at_first": stop}
+    failures: list[str] = []
+    with LayerView(rc.say) as view:
+        fwd = capture(rc, lmap, inputs, fwd_tol, on_row=view.on_row, stop_at_first=stop)
+    details["forward"] = _phase(rc, lmap, fwd, inputs, fwd_tol, None, failures)
+    ran_backward = bool(rc.param("layers_backward")) and not (stop and failures)
+    if ran_backward:
+        labels = seeded_labels(rc, inputs)
+        rc.say("  backward: one pass, cross-entropy on seeded labels, dropout off")
+        with LayerView(rc.say) as view:
+            bwd = capture(rc, lmap, inputs, bwd_tol, backward=True, labels=labels, on_row=view.on_row,
+                          stop_at_first=stop)
+        details["backward"] = _phase(rc, lmap, bwd, inputs, bwd_tol, labels, failures)
+    else:
+        details["backward"] = {"skipped": "layers_backward is off" if not rc.param("layers_backward") else
+                               "stopped at the first divergence (--stop-at-first)"}
+    rows = [r for ph in ("forward", "backward") for r in details.get(ph, {}).get("rows", [])]
+    _write_tsv(rc, rows)
+    finite = [r["norm_err"] for r in details["forward"]["rows"] if r.get("norm_err") is not None]
+    worst = max(finite) if finite else None
+    passed = not failures
+    details["stop_run"] = stop and not passed
+    if passed:
+        msg = (f"{details['forward']['compared']} forward"
+               + (f" and {details['backward']['compared']} backward" if ran_backward else "")
+               + f" layer tensors within tolerance ({fwd_tol.describe()})")
+    else:
+        msg = failures[0]
+    return StepResult("layers", passed, worst, fwd_tol.describe(), msg, [], details)
+
+
+def _phase(rc: RunContext, lmap: Any, cap: Any, inputs: dict, tol: Any, labels: Any,
+           failures: list[str]) -> dict[str, Any]:
+    """Summarize one capture; replay its first divergence; append failure messages."""
+    ld = cap.diff
+    phase = "backward" if labels is not None else "forward"
+    rows = ld.ordered(phase)
+    out: dict[str, Any] = {"rows": [r.to_json() for r in rows], "compared": len(rows),
+                           "failed": sum(1 for r in rows if not r.passed), "stats": cap.stats}
+    missing = [x for x in cap.stats.get("only_torch", []) + cap.stats.get("only_paddle", [])
+               if "output" in x or "grad" in x]
+    if missing and not ld.stopped:
+        out["one_side_only"] = missing
+        failures.append(f"{phase}: {len(missing)} tensor(s) came from one side only, first: {missing[0]}")
+    first: Row | None = ld.first.get(phase)
+    if first is not None:
+        f = first.to_json()
+        f["top"] = top(ld.tensors(first), 5)
+        try:
+            iso = replay(rc, lmap, first, inputs, tol, ld.executed, labels)
+        except Exception as exc:  # isolation is a diagnosis: report, do not lose the comparison
+            iso = {"verdict": "unknown", "why": f"replay failed: {type(exc).__name__}: {exc}"}
+        f["isolation"] = iso
+        out["first"] = f
+        print(describe_first(first, iso), flush=True)   # unwrapped: names and advice stay on their lines
+        verdict = {"own": "own error", "inherited": "inherited"}.get(iso.get("verdict"), "not isolated")
+        failures.insert(0 if phase == "forward" else len(failures),
+                        f"first divergent layer ({phase}): {first.label} [{first.torch_type}] "
+                        f"({verdict}): {first.reason}")
+    ld.close()
+    return out
+
+
+def _write_tsv(rc: RunContext, rows: list[dict[str, Any]]) -> None:
+    """layers.tsv: one line per compared tensor, for grep and spreadsheets."""
+    cols = ("phase", "what", "seq", "torch", "paddle", "torch_type", "shape", "max_abs", "norm_err", "passed")
+    with open(rc.out / "layers.tsv", "w") as f:
+        f.write("\t".join(cols) + "\n")
+        for r in rows:
+            f.write("\t".join(str(r.get(c, "")) for c in cols) + "\n")

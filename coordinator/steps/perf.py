@@ -1,0 +1,85 @@
+"""Step ``perf``: training throughput of both sides on identical steps.
+
+Each side runs ``perf_warmup`` untimed then ``perf_steps`` timed full training steps
+(forward, backward, AdamW update, native dropout: what real training runs) on the same
+seeded batch of ``batch_size`` x ``max_length`` tokens. The sides run one after the other,
+never at once, whatever the schedule, so neither competes with the other for cores or
+a shared GPU. Verdict: slower/faster throughput >= ``perf_ratio`` (the guide only says
+"should be close"). Timings are informative; tests never assert on them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..reprodlog import save_npy
+from ..runner import RunContext, StepResult
+from ._training import restore_weights, setup_both
+from .common import ensure_converted
+
+
+def batch(rc: RunContext) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    cfg = rc.model_info["torch"].get("config", {})
+    bs, seq = int(rc.param("batch_size")), int(rc.param("max_length"))
+    rng = np.random.RandomState(rc.opts.seed + 3)
+    inputs = {"input_ids": rng.randint(1, int(cfg.get("vocab_size", 30522)), (bs, seq)).astype(np.int64),
+              "token_type_ids": np.zeros((bs, seq), np.int64), "attention_mask": np.ones((bs, seq), np.int64)}
+    return inputs, rng.randint(0, 2, (bs,)).astype(np.int64)
+
+
+def verdict(torch_sps: float, paddle_sps: float, threshold: float) -> tuple[bool, float, str]:
+    """(passed, slower/faster ratio, which side is faster); a side with no throughput fails."""
+    faster = "torch" if torch_sps >= paddle_sps else "paddle"
+    if min(torch_sps, paddle_sps) <= 0:
+        return False, 0.0, faster
+    ratio = min(torch_sps, paddle_sps) / max(torch_sps, paddle_sps)
+    return ratio >= threshold, ratio, faster
+
+
+def run(rc: RunContext) -> StepResult:
+    ensure_converted(rc)
+    try:
+        return _run(rc)
+    finally:
+        restore_weights(rc)
+
+
+def _side(times: np.ndarray, samples: int, threads: int) -> dict:
+    """Throughput from the *median* step: one step slowed by a noisy neighbour does not decide."""
+    median = float(np.median(times)) if len(times) else 0.0
+    total = float(times.sum())
+    return {"samples_per_s": samples / median if median > 0 else 0.0,
+            "samples_per_s_mean": samples * len(times) / total if total > 0 else 0.0,
+            "step_ms_median": median * 1000, "step_ms": [round(float(x) * 1000, 3) for x in times],
+            "threads": threads}
+
+
+def _run(rc: RunContext) -> StepResult:
+    warmup, steps, thr = int(rc.param("perf_warmup")), int(rc.param("perf_steps")), float(rc.param("perf_ratio"))
+    if steps < 1:
+        raise ValueError(f"perf_steps must be >= 1 (got {steps})")
+    setup_both(rc, float(rc.param("train_lr")), "native")
+    inputs, labels = batch(rc)
+    body = {"inputs": inputs, "labels": labels, "warmup": warmup, "steps": steps}
+    rc.say(f"  {warmup} warm-up + {steps} timed training steps per side, batch {inputs['input_ids'].shape}, "
+           f"one side at a time")
+    sides = {}
+    for name in ("torch", "paddle"):
+        r = rc.session.request(name, "perf", body)
+        sides[name] = _side(np.asarray(r["times"], np.float64), int(r["samples"]), int(r.get("threads") or 0))
+        rc.say(f"  {name:6s} {sides[name]['samples_per_s']:8.2f} samples/s  "
+               f"(median step {sides[name]['step_ms_median']:.1f} ms)")
+    t_sps, p_sps = sides["torch"]["samples_per_s"], sides["paddle"]["samples_per_s"]
+    passed, ratio, faster = verdict(t_sps, p_sps, thr)
+    save_npy(rc.out / "perf_torch.npy", {"samples_per_s": np.float64(t_sps),
+                                          "step_s": np.asarray(sides["torch"]["step_ms"]) / 1000})
+    save_npy(rc.out / "perf_paddle.npy", {"samples_per_s": np.float64(p_sps),
+                                           "step_s": np.asarray(sides["paddle"]["step_ms"]) / 1000})
+    details = {"torch": sides["torch"], "paddle": sides["paddle"], "ratio": ratio, "faster": faster,
+               "paddle_over_torch": p_sps / t_sps if t_sps > 0 else None, "threshold": thr,
+               "warmup": warmup, "steps": steps, "batch": list(inputs["input_ids"].shape),
+               "devices": {"torch": rc.opts.torch_device, "paddle": rc.opts.paddle_device},
+               "dropout": "native (timing real training)", "schedule": "sequential (one side at a time)"}
+    msg = (f"paddle {p_sps:.2f} vs torch {t_sps:.2f} samples/s: {faster} faster, slower/faster = {ratio:.2f} "
+           f"{'>=' if passed else '<'} {thr:g}")
+    return StepResult("perf", passed, ratio, f"slower/faster >= {thr:g}", msg, [], details)

@@ -1,0 +1,133 @@
+"""Training ops (steps backward, train, perf): AdamW iterations, fine-tuning, timed steps.
+
+The twin of torch_worker/ops_train.py, op for op. Injects owned here: ``adamw_eps:<eps>``,
+``adamw_wd_all`` (decay biases and LayerNorm too), ``dropout_native`` (ignore shared masks).
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from typing import Any
+
+import numpy as np
+import paddle
+
+from . import models as _models
+from .adapter import from_numpy, to_numpy
+from .train_support import (INJECT_NAMES, DropoutControl, build_optimizer, encode_batch, inject_value, sync,
+                            tokenizer_from)
+
+_models.OP_INJECTS.update(INJECT_NAMES)
+
+
+class TrainOps:
+    def op_train_setup(self, body: dict, ctx: Any) -> dict:
+        """Fresh AdamW (the guide's recipe) and dropout mode; resets the dropout step counter."""
+        model = self._need_model()
+        opt, info = build_optimizer(model, body["optim"], self.inject)
+        mode = body.get("dropout", "off")
+        if mode == "shared" and inject_value(self.inject, "dropout_native") is not None:
+            mode = "native"
+        self._train = {"opt": opt, "dropout": DropoutControl(mode, int(body.get("seed", 0)))}
+        paddle.seed(int(body.get("seed", 0)))   # native dropout only
+        return dict(info, dropout=mode)
+
+    def _train_state(self) -> dict:
+        if not getattr(self, "_train", None):
+            raise RuntimeError("no optimizer: send train_setup first")
+        return self._train
+
+    def _loss(self, inputs: dict[str, Any], labels: Any) -> Any:
+        """Forward in training mode under the dropout control, cross-entropy, backward."""
+        model = self._need_model()
+        model.train()
+        with self._train_state()["dropout"].forward():
+            logits = _models.forward(model, self.model_info, inputs)["logits"]
+        loss = paddle.nn.functional.cross_entropy(logits, labels)
+        loss.backward()
+        return loss
+
+    def op_train_step(self, body: dict, ctx: Any) -> dict:
+        """One iteration: gradients are read before the update, parameters after it."""
+        st = self._train_state()
+        model = self._need_model()
+        inputs = {k: from_numpy(v) for k, v in body["inputs"].items()}
+        labels = from_numpy(body["labels"])
+        loss = self._loss(inputs, labels)
+        want = set(body.get("want", ["grads", "params"]))
+        out: dict[str, Any] = {"loss": to_numpy(loss).reshape(()), "lr": float(st["opt"].get_lr()),
+                               "dropout_calls": st["dropout"].log.take()}
+        if "grads" in want:
+            out["grads"] = {n: to_numpy(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+        st["opt"].step()
+        st["opt"].clear_grad()
+        if "params" in want:
+            out["params"] = {n: to_numpy(p) for n, p in model.named_parameters()}
+        model.eval()
+        return out
+
+    def op_train(self, body: dict, ctx: Any) -> dict:
+        """Fine-tune on the sentences in order (no shuffle), stream each step's loss, then evaluate."""
+        st = self._train_state()
+        tok = tokenizer_from(self.model_info, body)
+        texts, labels = list(body["texts"]), np.asarray(body["labels"], dtype=np.int64)
+        bs, max_len = int(body["batch_size"]), int(body["max_length"])
+        max_steps = int(body.get("max_steps") or 0)
+        losses, crcs, t0, step = [], [], time.perf_counter(), 0
+        for epoch in range(int(body["epochs"])):
+            for start in range(0, len(texts), bs):
+                if max_steps and step >= max_steps:
+                    break
+                enc = encode_batch(tok, texts[start:start + bs], max_len)
+                crc = zlib.crc32(enc["input_ids"].tobytes())
+                inputs = {k: from_numpy(v) for k, v in enc.items()}
+                loss = self._loss(inputs, from_numpy(labels[start:start + bs]))
+                st["opt"].step()
+                st["opt"].clear_grad()
+                st["dropout"].log.take()
+                losses.append(float(loss.item()))
+                crcs.append(crc)
+                ctx.partial({"step": step, "epoch": epoch, "loss": losses[-1], "ids_crc": crc})
+                step += 1
+        sync(self.device)
+        train_s = time.perf_counter() - t0
+        acc, preds = self._evaluate(tok, body["dev_texts"], body["dev_labels"], bs, max_len)
+        return {"losses": np.asarray(losses, np.float32), "ids_crc": np.asarray(crcs, np.int64),
+                "steps": step, "train_seconds": train_s, "acc": acc, "preds": preds}
+
+    def _evaluate(self, tok: Any, texts: list[str], labels: Any, bs: int, max_len: int) -> tuple[float, np.ndarray]:
+        model = self._need_model()
+        model.eval()
+        preds = []
+        with paddle.no_grad():
+            for start in range(0, len(texts), bs):
+                enc = encode_batch(tok, texts[start:start + bs], max_len)
+                logits = _models.forward(model, self.model_info, {k: from_numpy(v) for k, v in enc.items()})["logits"]
+                preds.append(to_numpy(logits.argmax(-1)))
+        p = np.concatenate(preds).astype(np.int64) if preds else np.zeros(0, np.int64)
+        y = np.asarray(labels, dtype=np.int64)
+        return (float((p == y).mean()) if len(y) else 0.0), p
+
+    def op_perf(self, body: dict, ctx: Any) -> dict:
+        """Time full training steps (forward, backward, update) on one batch after warm-up."""
+        st = self._train_state()
+        inputs = {k: from_numpy(v) for k, v in body["inputs"].items()}
+        labels = from_numpy(body["labels"])
+        times = []
+        for i in range(int(body["warmup"]) + int(body["steps"])):
+            sync(self.device)
+            t0 = time.perf_counter()
+            self._loss(inputs, labels)
+            st["opt"].step()
+            st["opt"].clear_grad()
+            sync(self.device)
+            if i >= int(body["warmup"]):
+                times.append(time.perf_counter() - t0)
+            st["dropout"].log.take()
+        self._need_model().eval()
+        return {"times": np.asarray(times, np.float64), "samples": int(labels.shape[0]),
+                "threads": int(self.threads or 0)}
+
+
+OPS = (TrainOps,)

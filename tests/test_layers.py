@@ -1,0 +1,138 @@
+"""Step ``layers`` and ``coordinator debug`` on the real MiniLM in both environments (issue 4).
+
+Negative controls: a LayerNorm epsilon (ln_eps:3:1e-5, changes last_hidden by only ~1e-5),
+a GELU tanh approximation (gelu_tanh:2) and an untransposed square query weight (a mapping
+file) must each be reported at the exact layer, as that layer's OWN error, with every
+earlier layer passing. A correct conversion reports no divergent layer.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+from coordinator.errors import ExitCode
+from real_envs import env_python, real_run
+
+pytestmark = pytest.mark.frameworks
+
+
+def _layers(out):
+    s = json.loads((out / "summary.json").read_text())
+    return s, next(x for x in s["steps"] if x["name"] == "layers")
+
+
+def _check_exact_own_error(out, torch_name, paddle_name, advice_word):
+    s, step = _layers(out)
+    fwd = step["details"]["forward"]
+    first = fwd["first"]
+    assert (first["torch"], first["paddle"], first["what"]) == (torch_name, paddle_name, "output")
+    assert first["isolation"]["verdict"] == "own", first["isolation"]
+    assert advice_word in " ".join(first["isolation"]["advice"]["causes"])
+    before = [r for r in fwd["rows"] if r["seq"] < first["seq"]]
+    assert len(before) > 10 and all(r["passed"] for r in before)   # every earlier layer passes
+    assert s["exit_code"] == ExitCode.DIVERGED
+    return s, step
+
+
+@pytest.mark.timeout(180)
+def test_correct_conversion_has_no_divergent_layer(tmp_path):
+    # a 1 MiB hold budget forces torch's tensors (they arrive before paddle's) through the spill file
+    proc = real_run(["--steps", "layers", "--schedule", "alternate", "--param", "layers_hold_mib=1"], tmp_path)
+    assert proc.returncode == ExitCode.ALIGNED, proc.stdout[-4000:] + proc.stderr[-2000:]
+    s, step = _layers(tmp_path)
+    d = step["details"]
+    assert d["forward"]["failed"] == 0 and "first" not in d["forward"]
+    assert d["backward"]["failed"] == 0 and d["backward"]["compared"] > 150  # grads of outputs and parameters
+    assert d["forward"]["compared"] >= 90 and d["map"]["n_pairs"] >= 70
+    assert d["forward"]["stats"]["spilled_bytes"] > 0 and not list(tmp_path.glob("layers-hold-*"))
+    worst = max(r["norm_err"] for r in d["forward"]["rows"])
+    assert 0 < worst < 5e-6
+    kinds = {r["torch_type"] for r in d["forward"]["rows"]}
+    assert {"Linear", "LayerNorm", "GELUActivation", "Embedding", "BertLayer"} <= kinds
+    assert any(r["what"] == "input" and "attention.output.dense" in r["torch"] for r in d["forward"]["rows"])
+    assert any(u["name"].endswith("attention.self.dropout") for u in d["map"]["unmapped"])  # listed, not dropped
+    assert (tmp_path / "report.html").stat().st_size > 10000 and (tmp_path / "layers.tsv").exists()
+    assert "  ok " in proc.stdout and "FAIL" not in proc.stdout
+
+
+@pytest.mark.timeout(180)
+def test_layernorm_epsilon_is_own_error_at_norm1_of_layer_3(tmp_path):
+    proc = real_run(["--steps", "layers", "--paddle-inject", "ln_eps:3:1e-5", "--stop-at-first"], tmp_path)
+    assert proc.returncode == ExitCode.DIVERGED, proc.stdout[-4000:]
+    s, step = _check_exact_own_error(tmp_path, "bert.encoder.layer.3.attention.output.LayerNorm",
+                                     "bert.encoder.layers.3.norm1", "epsilon")
+    assert step["details"]["stop_run"] and "skipped" in step["details"]["backward"]
+    assert "isolated: OWN ERROR" in proc.stdout and "usual cause: epsilon differs" in proc.stdout
+
+
+@pytest.mark.timeout(180)
+def test_gelu_tanh_is_own_error_at_the_activation_of_layer_2(tmp_path):
+    # workers in parallel: both streams interleave at the coordinator
+    proc = real_run(["--steps", "layers", "--paddle-inject", "gelu_tanh:2", "--schedule", "parallel",
+                     "--param", "layers_backward=false"], tmp_path)
+    assert proc.returncode == ExitCode.DIVERGED, proc.stdout[-4000:]
+    s, step = _check_exact_own_error(tmp_path, "bert.encoder.layer.2.intermediate.intermediate_act_fn",
+                                     "bert.encoder.layers.2.activation", "tanh approximation")
+    assert step["details"]["backward"] == {"skipped": "layers_backward is off"}
+
+
+@pytest.mark.timeout(180)
+def test_untransposed_square_query_is_own_error_at_layer_0_query(tmp_path):
+    proc = real_run(["--steps", "weights,layers", "--stop-at-first", "--mapping",
+                     str(ROOT / "tests/data/bert_query0_untransposed.toml")], tmp_path)
+    assert proc.returncode == ExitCode.DIVERGED, proc.stdout[-4000:]
+    s, step = _check_exact_own_error(tmp_path, "bert.encoder.layer.0.attention.self.query",
+                                     "bert.encoder.layers.0.self_attn.q_proj", "[out, in]")
+    assert s["steps"][0]["name"] == "weights" and s["steps"][0]["passed"]   # shapes could not catch it
+
+
+@pytest.mark.timeout(240)
+def test_debug_driven_through_stdin(tmp_path):
+    env_python("torch"), env_python("paddle")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKSTEP_WORKER_ARGV")}
+    script = "stats\ntop 3\nreplay\nprev\nreplay\ngoto bert.encoder.layer.1.output.dense\nreplay\n" \
+             "next\ncontinue\nfrobnicate\nquit\n"
+    proc = subprocess.run([sys.executable, "-m", "coordinator.cli", "debug", "--out", str(tmp_path), "--no-create",
+                           "--paddle-inject", "ln_eps:3:1e-5"], input=script, capture_output=True, text=True,
+                          timeout=220, cwd=ROOT, env=env)
+    out = proc.stdout
+    assert proc.returncode == ExitCode.DIVERGED, out[-4000:] + proc.stderr[-2000:]
+    assert "-- stopped at the first divergence" in out
+    assert "at row 58/" in out and "bert.encoder.layer.3.attention.output.LayerNorm" in out
+    after_stop = out.split("-- stopped at", 1)[1]
+    assert "  ok " not in after_stop.split("(lockstep)", 1)[0]           # the live view stopped there
+    assert "torch  float32" in out and "paddle float32" in out and "max|diff|/max|torch|" in out    # stats
+    assert out.count("|diff|") >= 3                                                                  # top 3
+    assert "isolated: OWN ERROR" in out and "epsilon differs" in out                                 # replay
+    # prev = the residual sum feeding that LayerNorm: it agrees run alone (to ~1e-7)
+    assert "LayerNorm <input> (inside the replayed bert.encoder.layer.3)" in out
+    assert "isolated: agrees" in out
+    assert "-- next divergence --" in out and "unknown command 'frobnicate'" in out
+    s = json.loads((tmp_path / "summary.json").read_text())
+    dbg = s["steps"][0]
+    assert dbg["name"] == "debug" and dbg["details"]["first"]["torch"].endswith("layer.3.attention.output.LayerNorm")
+    replays = [c["replay"]["verdict"] for c in dbg["details"]["session"] if "replay" in c]
+    assert replays == ["own", "ok", "ok"]
+    assert (tmp_path / "report.html").exists()
+
+
+@pytest.mark.timeout(240)
+def test_report_renders_in_headless_chromium(tmp_path):
+    if not (shutil.which("chromium") or shutil.which("chromium-browser")):
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    run = tmp_path / "run"
+    proc = real_run(["--steps", "layers", "--paddle-inject", "gelu_tanh:2", "--param", "layers_backward=false"], run)
+    assert proc.returncode == ExitCode.DIVERGED, proc.stdout[-3000:]
+    png = tmp_path / "report.png"
+    r = subprocess.run([str(ROOT / "scripts/screenshot_report.sh"), str(run), str(png), "1280x1400"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    data = png.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 30000   # a page with content, not a blank one
+    assert "first divergence: bert.encoder.layer.2.intermediate.intermediate_act_fn" in \
+        (run / "report.html").read_text()

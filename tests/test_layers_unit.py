@@ -1,0 +1,296 @@
+"""Layer map, live pairing, tolerance, report and view of the ``layers`` step, without a framework.
+
+The module trees and events below have the shape the real workers send (see
+torch_worker/ops_layers.py); every comparison has a deliberately broken twin.
+"""
+
+import io
+import json
+import re
+
+import numpy as np
+import pytest
+
+from coordinator.advice import advice_for
+from coordinator.errors import UsageError
+from coordinator.layerdiff import HoldStore, LayerTolerance, LiveDiff, Row, compare_row
+from coordinator.layermap import build, kind, load_override
+from coordinator.layerview import LayerView, row_line
+from coordinator.mapping import WeightMap
+from coordinator.report_html import render
+
+WMAP = WeightMap.from_dict({
+    "rename": [{"pattern": r"\.layer\.", "replace": ".layers."},
+               {"pattern": r"attn\.query\.", "replace": "attn.q_proj."},
+               {"pattern": r"\.LayerNorm\.", "replace": ".norm1."},
+               {"pattern": r"ffn\.dense\.", "replace": "linear1."}],
+    "transform": [{"pattern": r"\.weight$", "ndim": 2, "op": "transpose"}]})
+
+
+def m(name, typ, params=(), children=(), function=False):
+    d = {"name": name, "type": typ, "params": list(params), "children": list(children)}
+    if function:
+        d["function"] = True
+    return d
+
+
+TORCH = [m("", "Model", children=["enc"]), m("enc", "Encoder", children=["layer"]),
+         m("enc.layer", "ModuleList", children=["0"]),
+         m("enc.layer.0", "Block", children=["attn", "LayerNorm", "ffn", "drop"]),
+         m("enc.layer.0.attn", "Attention", children=["query", "dropout"]),
+         m("enc.layer.0.attn.query", "Linear", ["weight", "bias"]),
+         m("enc.layer.0.attn.dropout", "Dropout"),
+         m("enc.layer.0.LayerNorm", "LayerNorm", ["weight", "bias"]),
+         m("enc.layer.0.ffn", "FFN", children=["dense", "act"]),
+         m("enc.layer.0.ffn.dense", "Linear", ["weight", "bias"]),
+         m("enc.layer.0.ffn.act", "GELUActivation"),
+         m("enc.layer.0.drop", "Dropout")]
+PADDLE = [m("", "Model", children=["enc"]), m("enc", "Encoder", children=["layers"]),
+          m("enc.layers", "LayerList", children=["0"]),
+          m("enc.layers.0", "Block", children=["attn", "norm1", "linear1", "drop", "activation"]),
+          m("enc.layers.0.attn", "MHA", children=["q_proj"]),
+          m("enc.layers.0.attn.q_proj", "Linear", ["weight", "bias"]),
+          m("enc.layers.0.norm1", "LayerNorm", ["weight", "bias"]),
+          m("enc.layers.0.linear1", "Linear", ["weight", "bias"]),
+          m("enc.layers.0.drop", "Dropout"),
+          m("enc.layers.0.activation", "function:_gelu", function=True)]
+
+
+def test_layer_map_rules_and_unmapped_listing():
+    lm = build(TORCH, PADDLE, WMAP)
+    got = {p.torch: (p.paddle, p.how) for p in lm.pairs}
+    assert got["enc.layer.0.attn.query"] == ("enc.layers.0.attn.q_proj", "weights")
+    assert got["enc.layer.0.LayerNorm"] == ("enc.layers.0.norm1", "weights")
+    assert got["enc.layer.0"] == ("enc.layers.0", "params")
+    assert got["enc"] == ("enc", "params") and got["enc.layer"] == ("enc.layers", "params")
+    assert got["enc.layer.0.drop"] == ("enc.layers.0.drop", "position")      # same parent, one dropout each
+    assert got["enc.layer.0.ffn.act"] == ("enc.layers.0.activation", "unique")  # HF module <-> paddle function
+    un = {(u.side, u.name): u.reason for u in lm.unmapped}
+    # negative controls: containers with no exact counterpart, and a dropout with no partner, are listed
+    assert got["enc.layer.0.attn"] == ("enc.layers.0.attn", "params")        # same parameter set
+    assert ("torch", "enc.layer.0.ffn") in un and "exactly its parameters" in un[("torch", "enc.layer.0.ffn")]
+    assert "no dropout module on the paddle side" in un[("torch", "enc.layer.0.attn.dropout")]
+    assert all(u.name not in ("enc.layer", "enc.layers") for u in lm.unmapped)  # list containers never run
+    assert [p.torch for p in lm.mapped_ancestors("enc.layer.0.ffn.dense")] == ["enc.layer.0", "enc.layer", "enc", ""]
+
+
+def test_ambiguous_parameterless_modules_are_listed_not_guessed():
+    torch = TORCH + [m("enc.layer.0.ffn.act2", "ReLU")]
+    lm = build(torch, PADDLE, WMAP)
+    assert "enc.layer.0.ffn.act" not in lm.t2p        # two activations vs one function: cannot tell
+    reasons = [u.reason for u in lm.unmapped if u.name == "enc.layer.0.ffn.act"]
+    assert reasons and "cannot tell which is which" in reasons[0]
+
+
+def test_override_file_wins_and_bad_names_are_named(tmp_path):
+    f = tmp_path / "layers.toml"
+    f.write_text('[[layer]]\ntorch = "enc.layer.0.attn.dropout"\npaddle = "enc.layers.0.drop"\n'
+                 '[ignore]\ntorch = ["ffn\\\\.act$"]\n')
+    lm = build(TORCH, PADDLE, WMAP, load_override(f))
+    assert lm.t2p["enc.layer.0.attn.dropout"].paddle == "enc.layers.0.drop"
+    assert lm.t2p["enc.layer.0.attn.dropout"].how == "override"
+    assert "enc.layer.0.ffn.act" not in lm.t2p
+    assert any(u.name == "enc.layer.0.ffn.act" and "ignored" in u.reason for u in lm.unmapped)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[layer]]\ntorch = "enc.layer.9"\npaddle = "enc.layers.0"\n')
+    with pytest.raises(UsageError, match=r"bad.toml.*'enc.layer.9' does not exist"):
+        build(TORCH, PADDLE, WMAP, load_override(bad))
+
+
+def test_kind_families():
+    assert kind("GELUActivation") == kind("function:<lambda>") == kind("Tanh") == "activation"
+    assert kind("Dropout") == kind("FusedDropout") == "dropout"
+    assert kind("LayerNorm") == "layernorm"
+
+
+def _diff(stop=False, budget=1 << 30, keep=None):
+    lm = build(TORCH, PADDLE, WMAP)
+    return LiveDiff(lm, lambda what, typ: LayerTolerance(5e-6), weight_map=WMAP, hold_budget=budget,
+                    stop_at_first=stop, keep=keep)
+
+
+def _events(side, x, q, ln, broken=False):
+    """A forward as the workers stream it (the block's output is the LayerNorm's: sent as same_as)."""
+    blk, qn, lnn = (("enc.layer.0", "enc.layer.0.attn.query", "enc.layer.0.LayerNorm") if side == "torch" else
+                    ("enc.layers.0", "enc.layers.0.attn.q_proj", "enc.layers.0.norm1"))
+    res = q + x + (1e-3 if broken else 0.0)
+    return [{"ev": "in", "module": blk, "seq": 1, "tensor": x, "made_by": []},
+            {"ev": "in", "module": qn, "seq": 2, "tensor": x, "made_by": []},
+            {"ev": "out", "module": qn, "seq": 3, "tensor": q},
+            {"ev": "in", "module": lnn, "seq": 4, "tensor": res.astype(np.float32), "made_by": []},
+            {"ev": "out", "module": lnn, "seq": 5, "tensor": ln},
+            {"ev": "out", "module": blk, "seq": 6, "same_as": [lnn]}]
+
+
+@pytest.mark.parametrize("interleave", [False, True])
+def test_live_pairs_compare_and_release(interleave):
+    rng = np.random.RandomState(0)
+    x, q, ln = (rng.standard_normal((2, 3, 4)).astype(np.float32) for _ in range(3))
+    d = _diff()
+    te, pe = _events("torch", x, q, ln), _events("paddle", x, q, ln)
+    order = [e for pair in zip(te, pe) for e in pair] if interleave else te + pe
+    for e in order:
+        d.feed("torch" if e in te else "paddle", {k: v for k, v in e.items() if v is not None})
+    stats = d.finish()
+    keys = [(r.what, r.key) for r in d.ordered("forward")]
+    assert ("output", "enc.layer.0.attn.query") in keys and ("input", "enc.layer.0.LayerNorm:input") in keys
+    assert ("output", "enc.layer.0") in keys            # resolved from same_as without a second copy
+    assert all(r.passed and r.max_abs == 0.0 for r in d.rows)
+    assert not d.store.keys() and stats["only_torch"] == [] and stats["problems"] == []
+    assert not d.first
+
+
+def test_live_flags_a_broken_residual_at_the_exact_row():
+    rng = np.random.RandomState(1)
+    x, q, ln = (rng.standard_normal((2, 3, 4)).astype(np.float32) for _ in range(3))
+    d = _diff(stop=True)
+    for e in _events("torch", x, q, ln):
+        d.feed("torch", {k: v for k, v in e.items() if v is not None})
+    for e in _events("paddle", x, q, ln, broken=True):
+        d.feed("paddle", {k: v for k, v in e.items() if v is not None})
+    first = d.first["forward"]
+    assert first.key == "enc.layer.0.LayerNorm:input" and first.what == "input"
+    assert "of max|torch|" in first.reason
+    assert d.stopped and not any(r.key == "enc.layer.0.LayerNorm" for r in d.rows)  # nothing after the stop
+    assert d.tensors(first) is not None
+
+
+def test_input_reference_suppresses_the_input_row():
+    d = _diff()
+    x = np.ones((2, 4), np.float32)
+    d.feed("paddle", {"ev": "in", "module": "enc.layers.0.attn.q_proj", "seq": 1, "tensor": x})
+    d.feed("torch", {"ev": "in", "module": "enc.layer.0.attn.query", "seq": 1, "ref": ["enc.layer.0"]})
+    assert not d.rows and not d.store.keys()   # paddle's copy was released, no row made
+
+
+def test_tolerance_is_relative_to_the_tensor_size_with_a_phase_floor():
+    tol = LayerTolerance(5e-6, 1e-4)
+    big = np.full((8,), 200.0, np.float32)
+    r = compare_row(Row("forward", "output", "a", "a", "a"), big, big + np.float32(2e-4), tol)
+    assert r.passed and r.norm_err < 5e-6                        # 1e-6 of its size
+    small = np.full((8,), 0.5, np.float32)
+    r = compare_row(Row("forward", "output", "b", "b", "b"), small, small + np.float32(2e-4), tol)
+    assert not r.passed                                          # 4e-4 of its size: the negative control
+    noise = np.full((8,), 1e-10, np.float32)                     # a mathematically-zero gradient
+    r = compare_row(Row("backward", "param_grad", "c", "c", "c"), noise, -noise, LayerTolerance(1e-4), floor=1e-5)
+    assert r.passed
+    r = compare_row(Row("backward", "param_grad", "c", "c", "c"), noise, -noise, LayerTolerance(1e-4), floor=0.0)
+    assert not r.passed
+
+
+def test_nan_and_shape_mismatch_never_pass_but_broadcast_is_noted():
+    tol = LayerTolerance()
+    a = np.ones((2, 3), np.float32)
+    b = a.copy()
+    b[1, 2] = np.nan
+    assert not compare_row(Row("forward", "output", "n", "n", "n"), a, b, tol).passed
+    assert not compare_row(Row("forward", "output", "s", "s", "s"), a, np.ones((3, 2), np.float32), tol).passed
+    r = compare_row(Row("forward", "output", "p", "p", "p"), np.ones((1, 3), np.float32), np.ones((4, 3), np.float32), tol)
+    assert r.passed and "broadcast" in r.note
+    g = compare_row(Row("backward", "grad", "p", "p", "p"), np.full((1, 3), 4.0, np.float32),
+                    np.ones((4, 3), np.float32), tol)
+    assert g.passed and "summed" in g.note                       # torch's broadcast gradient is the sum
+    g = compare_row(Row("backward", "grad", "p", "p", "p"), np.full((1, 3), 3.0, np.float32),
+                    np.ones((4, 3), np.float32), tol)
+    assert not g.passed
+
+
+def test_hold_store_spills_exactly_and_cleans_up(tmp_path):
+    st = HoldStore(budget=100, spill_dir=tmp_path)
+    arrs = {i: np.arange(40 * (i + 1), dtype=np.float32).reshape(-1, 2) + 0.5 for i in range(4)}
+    for i, a in arrs.items():
+        st.put(i, a)
+    assert st.spilled > 0 and list(tmp_path.glob("layers-hold-*.bin"))
+    assert np.array_equal(st.get(3), arrs[3])
+    for i in (2, 0, 3, 1):
+        assert np.array_equal(st.pop(i), arrs[i])
+    st.close()
+    assert not list(tmp_path.glob("layers-hold-*.bin"))
+
+
+def test_param_grads_are_converted_to_paddle_layout():
+    d = _diff()
+    g = np.arange(12, dtype=np.float32).reshape(3, 4)           # torch [out, in]
+    d.feed("torch", {"ev": "param_grad", "param": "enc.layer.0.attn.query.weight", "seq": 9, "tensor": g})
+    d.feed("paddle", {"ev": "param_grad", "param": "enc.layers.0.attn.q_proj.weight", "seq": 9, "tensor": g.T.copy()})
+    assert d.rows[0].passed and d.rows[0].paddle == "enc.layers.0.attn.q_proj.weight"
+    d.feed("torch", {"ev": "param_grad", "param": "enc.layer.0.attn.query.bias", "seq": 10, "tensor": g[0]})
+    d.feed("paddle", {"ev": "param_grad", "param": "enc.layers.0.attn.q_proj.bias", "seq": 10, "tensor": g[0] + 1})
+    assert not d.rows[1].passed                                  # negative control
+
+
+def test_advice_is_data_keyed_by_type():
+    assert "epsilon" in " ".join(advice_for("LayerNorm")["causes"])
+    assert "approximation" in " ".join(advice_for("nothing", "function:_gelu")["causes"])
+    assert "transpose" in " ".join(advice_for("Linear")["causes"]).lower() or \
+        "[out, in]" in " ".join(advice_for("Linear")["causes"])
+    assert advice_for("NoSuchLayer") is None
+
+
+def _row(i, passed=True, err=1e-7):
+    return {"phase": "forward", "what": "output", "key": f"l{i}", "torch": f"enc.l{i}", "paddle": f"enc.p{i}",
+            "torch_type": "Linear", "paddle_type": "Linear", "seq": i, "shape": [2], "passed": passed,
+            "max_abs": err, "norm_err": err, "reason": "" if passed else "over <tolerance> & more"}
+
+
+def test_report_is_self_contained_and_marks_the_first_divergence():
+    rows = [_row(0), _row(1, err=0.0), _row(2, False, 3e-5), _row(3, False, 1e-3)]
+    first = dict(rows[2], isolation={"verdict": "own", "why": "the layer <itself>",
+                                     "advice": {"causes": ["epsilon differs"]}}, top=[])
+    data = {"status": "diverged", "exit_code": 1, "steps": [
+        {"name": "layers", "status": "failed", "passed": False, "worst": 1e-3, "tolerance": "x <= 5e-06",
+         "message": "first divergent layer", "seconds": 1.0, "diffs": [],
+         "details": {"tolerance": {"forward": "max|diff|/max|torch| <= 5e-06", "backward": "<= 0.0001"},
+                     "forward": {"rows": rows, "failed": 2, "first": first, "stats": {}},
+                     "backward": {"skipped": "stopped at the first divergence"},
+                     "map": {"n_pairs": 4, "n_unmapped": {"torch": 1, "paddle": 0},
+                             "unmapped": [{"side": "torch", "name": "enc.x", "type": "Dropout", "count": 1,
+                                           "reason": "no counterpart"}], "pairs": []}}}]}
+    page = render(data)
+    assert page.startswith("<!DOCTYPE html>") and "<svg" in page and "first divergence: enc.l2" in page
+    assert not re.search(r"(src|href)=['\"]?https?:", page) and "<script" not in page
+    assert "the layer &lt;itself&gt;" in page and "epsilon differs" in page and "enc.x" in page
+    assert "tolerance 5e-06" in page and "skipped: stopped at the first divergence" in page
+
+
+def test_view_plain_lines_and_live_panel():
+    out = io.StringIO()
+    r_ok = Row("forward", "output", "a", "enc.a", "enc.p", "Linear", "Linear", seq=1, max_abs=1e-7, norm_err=1e-8)
+    r_bad = Row("forward", "output", "b", "enc.b", "enc.q", "LayerNorm", "LayerNorm", seq=2, passed=False,
+                max_abs=5e-4, norm_err=2e-5, reason="too far")
+    with LayerView(lambda s: None, stream=out, live=False) as v:
+        v.on_row(r_ok)
+        v.on_row(r_bad)
+    lines = out.getvalue().splitlines()
+    assert lines[0].lstrip().startswith("ok") and "enc.a" in lines[0]
+    assert lines[1].lstrip().startswith("FAIL") and "too far" in lines[1]
+    assert row_line(r_bad).count("\n") == 0
+    live = io.StringIO()
+    with LayerView(lambda s: None, stream=live, live=True) as v:
+        v.on_row(r_ok)
+        v.on_row(r_bad)
+    text = live.getvalue()
+    assert "first divergence (forward): enc.b" in text and "1 over" in text
+
+
+def test_summary_rows_are_json():
+    r = compare_row(Row("forward", "output", "a", "a", "a"), np.ones(3, np.float32), np.ones(3, np.float32),
+                    LayerTolerance())
+    json.dumps(r.to_json())
+
+
+def test_chunked_statistics_match_the_one_pass_comparison(monkeypatch):
+    import coordinator.layerdiff as ld
+    from coordinator.compare import Tolerance, compare
+    rng = np.random.RandomState(3)
+    a = rng.standard_normal((5, 7, 3)).astype(np.float32)
+    b = a + rng.standard_normal(a.shape).astype(np.float32) * 1e-3
+    monkeypatch.setattr(ld, "CHUNK", 8)                     # many chunks
+    r = compare_row(Row("forward", "output", "x", "x", "x"), a, b, LayerTolerance(1.0))
+    d = compare("x", a, b, Tolerance(1.0, "max"))
+    assert r.max_abs == d.max_abs and r.worst_index == list(d.worst_index)
+    assert r.mean_abs == pytest.approx(d.mean_abs) and r.max_rel == pytest.approx(d.max_rel)
+    assert r.scale == float(np.abs(a).max())
+    b[4, 6, 2] = np.inf                                     # in the last chunk: still never passes
+    r = compare_row(Row("forward", "output", "x", "x", "x"), a, b, LayerTolerance(1.0))
+    assert not r.passed and "inf in paddle output at index [4, 6, 2]" in r.reason

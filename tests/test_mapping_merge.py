@@ -1,0 +1,135 @@
+"""Mapping files as data: [keys], [[merge]] (fused qkv), split back, and errors that name key and shapes."""
+
+import numpy as np
+import pytest
+
+from coordinator.mapping import MappingError, WeightMap
+from coordinator.errors import UsageError
+
+MERGE = {
+    "name": "fuse",
+    "merge": [{"pattern": r"attn\.(q|k|v)\.", "parts": ["q", "k", "v"], "into": "qkv", "axis": 0}],
+    "rename": [{"pattern": r"attn\.qkv\.", "replace": "attn.qkv_proj."}],
+    "transform": [{"pattern": r"\.weight$", "ndim": 2, "op": "transpose"}],
+}
+
+
+def torch_attn():
+    rng = np.random.RandomState(1)
+    sd = {f"attn.{p}.{w}": rng.standard_normal(s).astype(np.float32)
+          for p in "qkv" for w, s in (("weight", (4, 6)), ("bias", (4,)))}
+    sd["out.weight"] = rng.standard_normal((6, 4)).astype(np.float32)
+    return sd
+
+
+PADDLE_SPECS = {"attn.qkv_proj.weight": ([6, 12], "float32"), "attn.qkv_proj.bias": ([12], "float32"),
+                "out.weight": ([4, 6], "float32")}
+
+
+def test_merge_concatenates_parts_in_order_then_renames_and_transposes():
+    wm = WeightMap.from_dict(MERGE)
+    sd = torch_attn()
+    out, records = wm.convert(sd, PADDLE_SPECS)
+    fused = np.concatenate([sd["attn.q.weight"], sd["attn.k.weight"], sd["attn.v.weight"]], axis=0).T
+    assert np.array_equal(out["attn.qkv_proj.weight"], fused)
+    assert np.array_equal(out["attn.qkv_proj.bias"][4:8], sd["attn.k.bias"])
+    rec = {r.target: r for r in records}
+    assert rec["attn.qkv_proj.weight"].source == "attn.q.weight + attn.k.weight + attn.v.weight"
+    # gradients (or any torch-layout dict) convert the same way
+    assert np.array_equal(wm.convert_tensors(sd)["attn.qkv_proj.weight"], fused)
+
+
+def test_split_is_the_inverse_of_merge():
+    """paddle's fused qkv -> torch's three tensors, with split; merge then split gives the parts back."""
+    sd = torch_attn()
+    fused = WeightMap.from_dict(MERGE).convert_tensors(sd)
+    back = WeightMap.from_dict({"transform": [
+        {"pattern": r"qkv_proj\.weight$", "op": "transpose"},
+        {"pattern": r"qkv_proj\.", "op": "split", "axis": 0, "target_pattern": r"qkv_proj", "targets": ["q", "k", "v"]}]})
+    parts = back.convert_tensors({k: v for k, v in fused.items() if "qkv" in k})
+    for p in "qkv":
+        assert np.array_equal(parts[f"attn.{p}.weight"], sd[f"attn.{p}.weight"])
+        assert np.array_equal(parts[f"attn.{p}.bias"], sd[f"attn.{p}.bias"])
+
+
+def test_merge_with_a_missing_part_names_the_merge_and_what_exists():
+    sd = torch_attn()
+    del sd["attn.v.weight"]
+    with pytest.raises(MappingError) as e:
+        WeightMap.from_dict(MERGE).convert(sd, PADDLE_SPECS)
+    msg = str(e.value)
+    assert "merge #1 into torch 'attn.qkv.weight': part(s) ['v'] missing" in msg
+    assert "'attn.q.weight' (4, 6)" in msg
+    assert "paddle key 'attn.qkv_proj.weight' (6, 12) receives no torch tensor" in msg
+
+
+def test_merge_parts_that_do_not_concatenate_are_named_with_shapes():
+    sd = torch_attn()
+    sd["attn.k.weight"] = np.zeros((4, 5), np.float32)
+    with pytest.raises(MappingError) as e:
+        WeightMap.from_dict(MERGE).convert(sd, PADDLE_SPECS)
+    assert "cannot concatenate on axis 0: 'attn.q.weight' (4, 6), 'attn.k.weight' (4, 5)" in str(e.value)
+
+
+def test_convert_one_refuses_a_lone_merge_part():
+    with pytest.raises(MappingError, match="part 'k' of merge #1"):
+        WeightMap.from_dict(MERGE).convert_one("attn.k.weight", np.zeros((4, 6), np.float32))
+
+
+def test_exact_keys_and_per_key_transforms():
+    wm = WeightMap.from_dict({"keys": {"classifier.weight": "fc.weight", "classifier.bias": "fc.bias"},
+                              "transform": [{"keys": ["classifier.weight"], "op": "transpose"}]})
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    out, _ = wm.convert({"classifier.weight": w, "classifier.bias": np.zeros(2, np.float32)},
+                        {"fc.weight": ([3, 2], "float32"), "fc.bias": ([2], "float32")})
+    assert np.array_equal(out["fc.weight"], w.T)
+
+
+def test_wrong_transforms_name_key_and_both_shapes_all_at_once():
+    """A reshape to the wrong shape and a transpose of a 1-D tensor: both reported in one error."""
+    wm = WeightMap.from_dict({"keys": {"a.weight": "b.weight", "a.bias": "b.bias"},
+                              "transform": [{"keys": ["a.weight"], "op": "reshape", "shape": [3, 2]},
+                                            {"keys": ["a.bias"], "op": "transpose"}]})
+    with pytest.raises(MappingError) as e:
+        wm.convert({"a.weight": np.zeros((2, 3), np.float32), "a.bias": np.zeros(2, np.float32)},
+                   {"b.weight": ([2, 3], "float32"), "b.bias": ([2], "float32")})
+    msg = str(e.value)
+    assert "2 problem(s)" in msg
+    assert "shape mismatch for torch 'a.weight' (2, 3) -> paddle 'b.weight': converted (3, 2) after " \
+           "reshape(3, 2), paddle expects (2, 3)" in msg
+    assert "transform #2 (transpose) on torch 'a.bias' (2,) -> paddle 'b.bias': a 1-D tensor has nothing to " \
+           "transpose" in msg and "(paddle 'b.bias' expects (2,))" in msg
+
+
+def test_impossible_reshape_and_split_are_named():
+    wm = WeightMap.from_dict({"transform": [{"pattern": "^w$", "op": "reshape", "shape": [5]},
+                                            {"pattern": "^v$", "op": "split", "axis": 0, "target_pattern": "v",
+                                             "targets": ["v1", "v2"]}]})
+    with pytest.raises(MappingError) as e:
+        wm.convert({"w": np.zeros((2, 3), np.float32), "v": np.zeros(3, np.float32)},
+                   {"w": ([6], "float32"), "v1": ([1], "float32"), "v2": ([2], "float32")})
+    msg = str(e.value)
+    assert "cannot reshape (2, 3) (6 values) to (5,) (paddle 'w' expects (6,))" in msg
+    assert "cannot split axis 0 into 2 equal parts" in msg
+
+
+def test_missing_keys_name_both_shapes():
+    wm = WeightMap.from_dict({"keys": {"fc.weight": "fc.weight_typo"}})
+    with pytest.raises(MappingError) as e:
+        wm.convert({"fc.weight": np.zeros((2, 3), np.float32)}, {"fc.weight": ([2, 3], "float32")})
+    msg = str(e.value)
+    assert "torch key 'fc.weight' (2, 3) maps to 'fc.weight_typo', which the paddle model does not have " \
+           "(closest: 'fc.weight' (2, 3))" in msg
+    assert "paddle key 'fc.weight' (2, 3) receives no torch tensor" in msg
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ({"merge": [{"pattern": "x", "parts": ["a"], "into": "b"}]}, "needs a group"),
+    ({"merge": [{"pattern": "(x)"}]}, "merge #1 needs"),
+    ({"keys": {"a": 1}}, "[keys] must map"),
+    ({"transform": [{"keys": "a", "op": "transpose"}]}, "'keys' must be a list"),
+])
+def test_malformed_mapping_tables_are_usage_errors(bad, needle):
+    with pytest.raises(UsageError) as e:
+        WeightMap.from_dict(bad, "bad.toml")
+    assert needle in str(e.value) and "bad.toml" in str(e.value)

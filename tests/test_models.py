@@ -1,0 +1,179 @@
+"""Any model pair (issue 5), in the real environments: the generic ``bert`` preset on a checkpoint
+this test writes, user factories with automatic mapping (examples/cnn), a deliberately buggy port,
+a wrong mapping file, and factory errors that reach the user with the worker's traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from coordinator.errors import ExitCode
+from real_envs import env_python, run_in_env
+
+pytestmark = pytest.mark.frameworks
+
+ROOT = Path(__file__).resolve().parent.parent
+CNN = ["--torch-model", "examples.cnn.torch_model:build", "--paddle-model", "examples.cnn.paddle_model:build"]
+
+
+def cli(args: list[str], cwd: Path = ROOT, timeout: float = 180) -> subprocess.CompletedProcess:
+    """The real CLI against the real environments (workers are real processes, cleaned up by the CLI)."""
+    env_python("torch"), env_python("paddle")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKSTEP_WORKER_ARGV")}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, "-m", "coordinator.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=str(cwd), env=env)
+
+
+def run(out: Path, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return cli(["run", "--steps", "weights,forward", "--out", str(out), "--no-create", *args], cwd=cwd)
+
+
+def summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def text(proc: subprocess.CompletedProcess) -> str:
+    return proc.stdout + proc.stderr
+
+
+# -- the generic bert preset on a checkpoint directory the test writes ------------------------
+WRITE_CKPT = """
+import os, sys, torch
+from transformers import BertConfig, BertForSequenceClassification
+d = sys.argv[1]
+words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(95)]
+open(os.path.join(d, "vocab.txt"), "w").write("\\n".join(words) + "\\n")
+torch.manual_seed(0)
+cfg = BertConfig(vocab_size=len(words), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 intermediate_size=64, max_position_embeddings=64, num_labels=2, initializer_range=0.2)
+BertForSequenceClassification(cfg).save_pretrained(d)
+print(sorted(os.listdir(d)))
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tiny_bert")
+    r = run_in_env("torch", f"import sys; sys.argv = ['x', {str(d)!r}]\n" + WRITE_CKPT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (d / "config.json").exists() and (d / "vocab.txt").exists()
+    return d
+
+
+@pytest.mark.timeout(120)
+def test_bert_preset_on_a_checkpoint_directory(tiny_bert, tmp_path):
+    proc = run(tmp_path / "r", "--torch-model", "bert", "--paddle-model", "bert", "--model-path", str(tiny_bert))
+    assert proc.returncode == ExitCode.ALIGNED, text(proc)[-3000:]
+    weights, forward = summary(tmp_path / "r")["steps"]
+    assert weights["details"]["paddle_keys"] == 41 and weights["details"]["transposed"] == 14
+    diffs = {d["name"]: d for d in forward["diffs"]}
+    assert diffs["last_hidden"]["shape"] == [4, 64, 32] and diffs["last_hidden"]["max_abs"] < 1e-5
+
+
+@pytest.mark.timeout(120)
+def test_bert_preset_negative_control_untransposed_query(tiny_bert, tmp_path):
+    proc = run(tmp_path / "r", "--torch-model", "bert", "--paddle-model", "bert", "--model-path", str(tiny_bert),
+               "--mapping", str(ROOT / "tests/data/bert_query0_untransposed.toml"))
+    assert proc.returncode == ExitCode.DIVERGED, text(proc)[-3000:]
+    forward = summary(tmp_path / "r")["steps"][1]
+    assert {d["name"] for d in forward["diffs"] if not d["passed"]} == {"logits", "pooled", "last_hidden"}
+
+
+# -- factories, automatic mapping, and the buggy port -------------------------------------------
+@pytest.fixture(scope="module")
+def cnn_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cnn") / "r"
+    return run(out, *CNN), out
+
+
+@pytest.mark.timeout(120)
+def test_cnn_example_aligns_with_automatic_mapping(cnn_run):
+    proc, out = cnn_run
+    assert proc.returncode == ExitCode.ALIGNED, text(proc)[-3000:]
+    weights, forward = summary(out)["steps"]
+    assert weights["details"]["paddle_keys"] == 16 and weights["details"]["transposed"] == 2
+    assert weights["details"]["keys"]["bn1._variance"]["torch"] == "features.1.running_var"
+    assert weights["details"]["keys"]["fc1.weight"] == {"torch": "classifier.0.weight", "ops": ["transpose(1, 0)"]}
+    (diff,) = forward["diffs"]
+    assert diff["name"] == "output" and diff["shape"] == [4, 10] and diff["max_abs"] < 1e-5
+    mapping = tomllib.loads((out / "automap.toml").read_text())
+    assert mapping["keys"]["features.5.running_mean"] == "bn2._mean"
+    assert mapping["ignore"]["torch"] == ["features\\.1\\.num_batches_tracked$", "features\\.5\\.num_batches_tracked$"]
+
+
+@pytest.mark.timeout(120)
+def test_buggy_cnn_port_is_flagged_and_named(tmp_path):
+    """Negative control: BatchNorm epsilon 1e-3 vs 1e-5. Run from elsewhere, factories found via --*-path."""
+    out = tmp_path / "r"
+    proc = run(out, "--torch-model", "examples.cnn.torch_model:build", "--torch-path", str(ROOT),
+               "--paddle-model", "examples.cnn_buggy.paddle_model:build", "--paddle-path", str(ROOT), cwd=tmp_path)
+    assert proc.returncode == ExitCode.DIVERGED, text(proc)[-3000:]
+    weights, forward = summary(out)["steps"]
+    assert weights["passed"] and not forward["passed"]
+    (diff,) = forward["diffs"]
+    assert diff["name"] == "output" and not diff["passed"] and diff["max_abs"] > 1e-5
+    assert "output" in proc.stdout and "FAIL" in proc.stdout
+
+
+@pytest.mark.timeout(120)
+def test_map_suggest_prints_the_mapping_the_run_used(cnn_run, tmp_path):
+    _, out = cnn_run
+    proc = cli(["map", "--suggest", *CNN, "--no-create", "--out", str(tmp_path / "logs")])
+    assert proc.returncode == ExitCode.ALIGNED, text(proc)[-3000:]
+    suggested = tomllib.loads(proc.stdout)           # stdout is only the TOML
+    assert suggested["keys"] == tomllib.loads((out / "automap.toml").read_text())["keys"]
+    assert suggested["transform"] == [{"op": "transpose", "keys": ["classifier.0.weight", "classifier.2.weight"]}]
+    assert "paired 16 tensors by call order" in proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_wrong_transform_in_a_mapping_file_is_caught_at_the_weights_step(cnn_run, tmp_path):
+    _, out = cnn_run
+    bad = (out / "automap.toml").read_text() + (
+        '\n[[transform]]\nkeys = ["features.0.bias"]\nop = "reshape"\nshape = [2, 4]\n'
+        '\n[[transform]]\nkeys = ["classifier.2.bias"]\nop = "transpose"\n')
+    path = tmp_path / "bad.toml"
+    path.write_text(bad)
+    proc = run(tmp_path / "r", *CNN, "--mapping", str(path))
+    assert proc.returncode == ExitCode.USAGE, text(proc)[-3000:]
+    msg = " ".join(proc.stdout.split())  # undo console wrapping
+    assert "step 'weights'" in msg and "2 problem(s)" in msg
+    assert "shape mismatch for torch 'features.0.bias' (8,) -> paddle 'conv1.bias': converted (2, 4) after " \
+           "reshape(2, 4), paddle expects (8,)" in msg
+    assert "on torch 'classifier.2.bias' (10,) -> paddle 'fc2.bias': a 1-D tensor has nothing to transpose" in msg
+
+
+# -- factory errors --------------------------------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_factory_import_error_shows_the_worker_traceback(tmp_path):
+    (tmp_path / "broken_factory.py").write_text("import torch\n\nimport nonexistent_dependency_xyz\n\n"
+                                                "def build():\n    return torch.nn.Linear(2, 2)\n")
+    proc = run(tmp_path / "r", "--torch-model", "broken_factory:build", "--torch-path", str(tmp_path),
+               "--paddle-model", "examples.cnn.paddle_model:build")
+    assert proc.returncode == ExitCode.WORKER_ERROR, text(proc)[-3000:]
+    out = proc.stdout
+    assert "torch worker failed in op 'load_model'" in out
+    assert "--- torch worker traceback (op 'load_model') ---" in out
+    assert f'{tmp_path / "broken_factory.py"}", line 3' in out.replace("\n", "")
+    assert "No module named 'nonexistent_dependency_xyz'" in out
+
+
+@pytest.mark.timeout(120)
+def test_factory_returning_the_wrong_type_is_named(tmp_path):
+    (tmp_path / "wrong_paddle.py").write_text("def build():\n    return {'model': 'not a layer'}\n")
+    proc = run(tmp_path / "r", *CNN[:2], "--paddle-model", "wrong_paddle:build", "--paddle-path", str(tmp_path))
+    assert proc.returncode == ExitCode.WORKER_ERROR, text(proc)[-3000:]
+    msg = " ".join(proc.stdout.split())
+    assert "paddle worker failed in op 'load_model': TypeError: factory 'wrong_paddle:build': 'model' is a " \
+           "builtins.str, not a paddle.nn.Layer" in msg

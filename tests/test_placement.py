@@ -1,0 +1,150 @@
+"""Schedule, thread split, GPU pinning and the shared-GPU / determinism checks (no framework, no GPU)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conftest import ROOT, coordinator, fake_env, load_summary
+from coordinator.errors import ExitCode, UsageError
+from coordinator.placement import (check_device_flags, check_hello_gpus, determinism_report, device_env,
+                                   physical_gpu, same_host)
+from coordinator.runner import choose_schedule, worker_threads
+from coordinator.security import is_loopback
+
+
+# -- schedule and threads -------------------------------------------------------------------------
+@pytest.mark.parametrize("req,td,pd,cores,host,want", [
+    ("auto", "cpu", "cpu", 2, True, "alternate"),
+    ("auto", "cpu", "cpu", 16, True, "parallel"),
+    ("auto", "cuda:0", "gpu:1", 2, True, "parallel"),
+    ("auto", "cuda:0", "cpu", 2, True, "alternate"),       # one CPU worker still competes for 2 cores
+    ("auto", "cpu", "cpu", 2, False, "parallel"),          # remote workers on different hosts
+    ("parallel", "cpu", "cpu", 2, True, "parallel"),
+    ("alternate", "cuda:0", "gpu:1", 64, False, "alternate"),
+])
+def test_choose_schedule(req, td, pd, cores, host, want):
+    mode, why = choose_schedule(req, td, pd, cores, same_host=host)
+    assert mode == want and why
+
+
+@pytest.mark.parametrize("schedule,cores,requested,want", [
+    ("alternate", 2, 0, {"torch": 2, "paddle": 2}),
+    ("alternate", 16, 0, {"torch": 16, "paddle": 16}),
+    ("parallel", 16, 0, {"torch": 8, "paddle": 8}),
+    ("parallel", 7, 0, {"torch": 4, "paddle": 3}),
+    ("parallel", 2, 0, {"torch": 1, "paddle": 1}),
+    ("parallel", 1, 0, {"torch": 1, "paddle": 1}),
+    ("parallel", 16, 3, {"torch": 3, "paddle": 3}),         # --threads wins
+])
+def test_worker_threads(schedule, cores, requested, want):
+    got = worker_threads(schedule, cores, requested)
+    assert got == want
+    if schedule == "parallel" and not requested and cores > 1:
+        assert sum(got.values()) <= cores  # negative control for oversubscription
+
+
+def _run_threads(out, *args):
+    proc = coordinator(["run", "--steps", "weights", "--out", str(out), "--mapping",
+                        str(ROOT / "tests/data/fake_mlp.toml"), *args], env=fake_env())
+    assert proc.returncode == ExitCode.ALIGNED, proc.stdout + proc.stderr
+    s = load_summary(out)
+    return s["schedule"], {n: w["threads"] for n, w in s["workers"].items()}
+
+
+def test_threads_reach_the_workers_split_when_parallel(tmp_path):
+    cores = os.cpu_count() or 1
+    sched, threads = _run_threads(tmp_path / "p", "--schedule", "parallel")
+    assert sched["mode"] == "parallel" and threads == worker_threads("parallel", cores)
+    assert sched["threads"] == threads
+    sched, threads = _run_threads(tmp_path / "a", "--schedule", "alternate")  # control: all cores each
+    assert sched["mode"] == "alternate" and threads == {"torch": cores, "paddle": cores}
+
+
+# -- devices ------------------------------------------------------------------------------------
+def test_device_env_pins_one_gpu_with_determinism_switches():
+    env = device_env("torch", "cuda:1", inherited="")
+    assert env["CUDA_VISIBLE_DEVICES"] == "1" and env["LOCKSTEP_DEVICE"] == "cuda:0"
+    assert env["NVIDIA_TF32_OVERRIDE"] == "0" and env["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    assert env["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    env = device_env("paddle", "gpu:0", inherited="")
+    assert env["LOCKSTEP_DEVICE"] == "gpu:0" and env["FLAGS_cudnn_deterministic"] == "1"
+    assert device_env("paddle", "cpu")["CUDA_VISIBLE_DEVICES"] == ""
+
+
+def test_users_cuda_visible_devices_is_honoured():
+    assert physical_gpu("cuda:1", inherited="2,3") == "3"
+    assert physical_gpu("gpu", inherited="5") == "5"
+    with pytest.raises(UsageError, match="has only 2 GPU"):
+        physical_gpu("cuda:2", inherited="2,3")
+
+
+def test_same_gpu_by_index_is_refused_unless_allowed():
+    check_device_flags("cuda:0", "gpu:1", False)
+    check_device_flags("cpu", "cpu", False)
+    for td, pd in (("cuda:0", "gpu:0"), ("cuda", "gpu:0"), ("cuda:1", "gpu:1")):
+        with pytest.raises(UsageError, match="both workers would use GPU"):
+            check_device_flags(td, pd, False)
+        check_device_flags(td, pd, True)  # --allow-shared-gpu
+    with pytest.raises(UsageError, match="--torch-device 'gpu:0'"):
+        check_device_flags("gpu:0", "cpu", False)
+    with pytest.raises(UsageError, match="must be a number"):
+        check_device_flags("cuda:x", "cpu", False)
+
+
+def test_same_gpu_on_the_cli_exits_2(fake_run):
+    proc, _ = fake_run("--steps", "weights", "--torch-device", "cuda:0", "--paddle-device", "gpu:0")
+    assert proc.returncode == ExitCode.USAGE and "--allow-shared-gpu" in proc.stdout
+
+
+def _hello(uuid, **extra):
+    return {"device": "cuda:0", "device_uuid": uuid, "device_name": "H200", **extra}
+
+
+def test_same_physical_gpu_by_uuid_is_refused_unless_allowed():
+    assert check_hello_gpus({"torch": _hello("aa"), "paddle": _hello("bb")}, False) is None
+    assert check_hello_gpus({"torch": _hello("aa"), "paddle": {"device": "cpu"}}, False) is None
+    with pytest.raises(UsageError, match="same physical GPU.*torch on H200 aa"):
+        check_hello_gpus({"torch": _hello("aa"), "paddle": _hello("aa")}, False)
+    assert "on purpose" in check_hello_gpus({"torch": _hello("aa"), "paddle": _hello("aa")}, True)
+
+
+def test_determinism_report_flags_tf32_on_a_gpu():
+    good_t = {"allow_tf32_matmul": False, "allow_tf32_cudnn": False, "cudnn_deterministic": True,
+              "deterministic_algorithms": True, "NVIDIA_TF32_OVERRIDE": "0"}
+    good_p = {"FLAGS_cudnn_deterministic": True, "allow_tf32_cublas": False, "allow_tf32_cudnn": False,
+              "NVIDIA_TF32_OVERRIDE": "0"}
+    rep = determinism_report({"torch": _hello("a", determinism=good_t), "paddle": _hello("b", determinism=good_p)})
+    assert rep["ok"] and rep["gpu"] and rep["torch"]["cudnn_deterministic"] is True
+    bad_p = dict(good_p, allow_tf32_cublas=True, NVIDIA_TF32_OVERRIDE=None)
+    rep = determinism_report({"torch": _hello("a", determinism=good_t), "paddle": _hello("b", determinism=bad_p)})
+    assert not rep["ok"] and any("paddle: allow_tf32_cublas is on" in p for p in rep["problems"])
+    assert any("NVIDIA_TF32_OVERRIDE" in p for p in rep["problems"])
+    # on CPU the GPU switches do not matter
+    cpu = determinism_report({"torch": {"device": "cpu", "determinism": {"allow_tf32_cudnn": True}}})
+    assert cpu["ok"] and not cpu["gpu"]
+
+
+def test_fake_run_records_determinism_and_schedule(fake_run):
+    proc, out = fake_run("--steps", "weights")
+    assert proc.returncode == ExitCode.ALIGNED
+    s = load_summary(out)
+    assert s["determinism"]["gpu"] is False and s["determinism"]["ok"] is True
+    assert s["schedule"]["mode"] in ("parallel", "alternate") and "schedule:" in proc.stdout
+
+
+def test_same_host():
+    assert same_host({"torch": {"host": "a"}, "paddle": {"host": "a"}})
+    assert not same_host({"torch": {"host": "a"}, "paddle": {"host": "b"}})
+    assert same_host({"torch": {}, "paddle": {"host": "b"}})
+
+
+@pytest.mark.parametrize("ep,loop", [
+    ("tcp://127.0.0.1:5555", True), ("tcp://127.3.4.5:1", True), ("tcp://localhost:5555", True),
+    ("tcp://[::1]:5555", True), ("ipc:///tmp/x", True),
+    ("tcp://0.0.0.0:5555", False), ("tcp://*:5555", False), ("tcp://10.0.0.2:5555", False),
+    ("tcp://[2001:db8::1]:5555", False), ("tcp://gpu-box:5555", False),
+])
+def test_is_loopback(ep, loop):
+    assert is_loopback(ep) is loop

@@ -1,0 +1,270 @@
+"""Remote workers over TCP with CURVE: the keys command, key files, and who gets in (no framework needed).
+
+The coordinator runs as ``coordinator run --listen tcp://127.0.0.1:<port>`` in a real
+subprocess; the numpy fake workers connect to it as remote workers would, either
+directly (``fake_worker.py --connect ... --curve-keys FILE``, the same arguments the
+real workers take) or through ``coordinator worker`` (with LOCKSTEP_WORKER_ARGV_* set
+to the fake). Every intruder variant has the legitimate run as its control.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import FAKE, ROOT, coordinator, fake_env, load_summary
+from coordinator.errors import ExitCode
+from coordinator.security import KeyFileError, read_key_file
+
+MAPPING = str(ROOT / "tests/data/fake_mlp.toml")
+pytestmark = pytest.mark.timeout(90)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def procs():
+    """Background processes started by a test; all stopped (TERM, then KILL) at teardown."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in started:
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
+    for p in started:
+        assert p.returncode is not None
+
+
+@pytest.fixture
+def keys(tmp_path) -> Path:
+    d = tmp_path / "keys"
+    proc = coordinator(["keys", str(d)])
+    assert proc.returncode == 0, proc.stderr
+    return d
+
+
+def spawn(procs, argv: list[str], log: Path, env: dict | None = None, stdin_text: str | None = None
+          ) -> subprocess.Popen:
+    p = subprocess.Popen(argv, stdout=open(log, "w"), stderr=subprocess.STDOUT, cwd=str(ROOT),
+                         stdin=subprocess.PIPE if stdin_text is not None else subprocess.DEVNULL,
+                         env=env or fake_env(), start_new_session=True)
+    procs.append(p)
+    if stdin_text is not None:
+        p.stdin.write(stdin_text.encode())
+        p.stdin.close()
+    return p
+
+
+def start_coordinator(procs, tmp_path: Path, endpoint: str, *extra: str, steps: str = "weights,forward",
+                      hello_timeout: float = 20, stdin_text: str | None = None
+                      ) -> tuple[subprocess.Popen, Path, Path]:
+    out, log = tmp_path / "run", tmp_path / "coordinator.out"
+    argv = [sys.executable, "-m", "coordinator.cli", "run", "--listen", endpoint, "--steps", steps,
+            "--mapping", MAPPING, "--out", str(out), "--hello-timeout", str(hello_timeout), *extra]
+    return spawn(procs, argv, log, stdin_text=stdin_text), out, log
+
+
+def fake_worker(procs, tmp_path: Path, flavor: str, endpoint: str, keyfile: Path | None, **faults: str
+                ) -> subprocess.Popen:
+    argv = [sys.executable, FAKE, flavor, "--connect", endpoint]
+    if keyfile is not None:
+        argv += ["--curve-keys", str(keyfile)]
+    return spawn(procs, argv, tmp_path / f"{flavor}-{len(procs)}.out", env=fake_env(**faults))
+
+
+def finish(p: subprocess.Popen, log: Path, timeout: float = 60) -> tuple[int, str]:
+    code = p.wait(timeout)
+    return code, log.read_text()
+
+
+def key_file(path: Path, **fields: str) -> Path:
+    path.write_text("".join(f"{k}={v}\n" for k, v in fields.items()))
+    path.chmod(0o600)
+    return path
+
+
+def fields(path: Path) -> dict[str, str]:
+    return {k: v.decode() for k, v in read_key_file(str(path), []).items()}
+
+
+# -- the keys command and key files -----------------------------------------------------------
+def test_keys_command_writes_private_files_each_with_what_its_owner_needs(tmp_path):
+    d = tmp_path / "k"
+    proc = coordinator(["keys", str(d)])
+    assert proc.returncode == 0, proc.stderr
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    for name in ("server.key", "torch.key", "paddle.key"):
+        assert stat.S_IMODE((d / name).stat().st_mode) == 0o600, name
+    server, torch_, paddle_ = fields(d / "server.key"), fields(d / "torch.key"), fields(d / "paddle.key")
+    assert set(server) == {"public", "secret", "torch", "paddle"}
+    assert set(torch_) == set(paddle_) == {"public", "secret", "server"}
+    assert torch_["server"] == paddle_["server"] == server["public"]
+    assert server["torch"] == torch_["public"] and server["paddle"] == paddle_["public"]
+    assert len({server["secret"], torch_["secret"], paddle_["secret"]}) == 3
+    for secret in (server["secret"], torch_["secret"], paddle_["secret"]):  # never echoed
+        assert secret not in proc.stdout + proc.stderr
+    # negative control: existing keys are not overwritten by accident
+    again = coordinator(["keys", str(d)])
+    assert again.returncode == ExitCode.USAGE and "--force" in again.stderr
+    assert fields(d / "torch.key") == torch_
+
+
+def test_world_readable_key_file_is_refused_everywhere(keys, tmp_path):
+    assert read_key_file(str(keys / "torch.key"), ["public", "secret", "server"])  # control: 0600 is fine
+    for name in ("torch.key", "server.key"):
+        (keys / name).chmod(0o644)
+    with pytest.raises(KeyFileError, match=r"torch.key is readable by group/others \(mode 644\).*chmod 600"):
+        read_key_file(str(keys / "torch.key"), ["public"])
+    port = free_port()
+    w = coordinator(["worker", "torch", "--connect", f"tcp://127.0.0.1:{port}", "--curve-keys",
+                     str(keys / "torch.key")], env=fake_env(), timeout=30)
+    assert w.returncode == ExitCode.USAGE and "chmod 600" in w.stderr, w.stderr
+    r = coordinator(["run", "--listen", f"tcp://127.0.0.1:{port}", "--curve-keys", str(keys / "server.key"),
+                     "--steps", "weights", "--out", str(tmp_path / "r")], env=fake_env(), timeout=30)
+    assert r.returncode == ExitCode.USAGE and "server.key is readable by group/others" in r.stdout, r.stdout
+    # the worker entry point itself (protocol.adapter) refuses it too
+    direct = subprocess.run([sys.executable, FAKE, "torch", "--connect", f"tcp://127.0.0.1:{port}",
+                             "--curve-keys", str(keys / "torch.key")], capture_output=True, text=True, timeout=30,
+                            env=fake_env())
+    assert direct.returncode != 0 and "chmod 600" in direct.stderr
+
+
+def test_key_file_errors_name_the_field_never_the_value(tmp_path):
+    bad = key_file(tmp_path / "bad.key", public="short", secret="x" * 40, server="y" * 40)
+    with pytest.raises(KeyFileError) as exc:
+        read_key_file(str(bad), ["public", "secret", "server"])
+    assert "public is not a 40-character z85 CURVE key" in str(exc.value) and "short" not in str(exc.value)
+    with pytest.raises(KeyFileError, match="lacks server"):
+        read_key_file(str(key_file(tmp_path / "b2.key", public="a")), ["public", "server"])
+
+
+# -- a full remote run -------------------------------------------------------------------------
+def test_remote_workers_with_keys_run_weights_and_forward(keys, tmp_path, procs):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    coord, out, log = start_coordinator(procs, tmp_path, endpoint, "--curve-keys", str(keys / "server.key"))
+    # torch through `coordinator worker` (key file), paddle as a bare worker reading its keys from stdin
+    tw = spawn(procs, [sys.executable, "-m", "coordinator.cli", "worker", "torch", "--connect", endpoint,
+                       "--curve-keys", str(keys / "torch.key")], tmp_path / "torch.out")
+    pw = spawn(procs, [sys.executable, FAKE, "paddle", "--connect", endpoint, "--curve-keys", "-"],
+               tmp_path / "paddle.out", stdin_text=(keys / "paddle.key").read_text())
+    code, text = finish(coord, log)
+    assert code == ExitCode.ALIGNED, text
+    assert tw.wait(15) == 0 and pw.wait(15) == 0  # both were told to shut down
+    s = load_summary(out)
+    assert [x["status"] for x in s["steps"]] == ["passed", "passed"]
+    assert s["security"]["curve"] is True and s["security"]["refusals"] == {}
+    assert sorted(a["worker"] for a in s["security"]["attempts"]) == ["paddle", "torch"]
+    assert s["options"]["listen"] == endpoint
+    secrets = [fields(keys / f)["secret"] for f in ("server.key", "torch.key", "paddle.key")]
+    everything = text + (out / "summary.json").read_text() + (out / "events.jsonl").read_text() + \
+        (tmp_path / "torch.out").read_text()
+    assert not any(sec in everything for sec in secrets)
+
+
+def test_remote_run_still_flags_a_divergent_migration(keys, tmp_path, procs):
+    """Negative control for the remote path: the paddle worker computes with a wrong bias."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    coord, out, log = start_coordinator(procs, tmp_path, endpoint, "--curve-keys", "-",  # server keys on stdin
+                                        stdin_text=(keys / "server.key").read_text())
+    fake_worker(procs, tmp_path, "torch", endpoint, keys / "torch.key")
+    fake_worker(procs, tmp_path, "paddle", endpoint, keys / "paddle.key", paddle="bug@forward")
+    code, text = finish(coord, log)
+    assert code == ExitCode.DIVERGED, text
+    fwd = load_summary(out)["steps"][1]
+    assert fwd["name"] == "forward" and not fwd["passed"] and "logits" in fwd["message"]
+
+
+def test_loopback_without_keys_is_allowed(tmp_path, procs):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    coord, out, log = start_coordinator(procs, tmp_path, endpoint)
+    fake_worker(procs, tmp_path, "torch", endpoint, None)
+    fake_worker(procs, tmp_path, "paddle", endpoint, None)
+    code, text = finish(coord, log)
+    assert code == ExitCode.ALIGNED, text
+    assert load_summary(out)["security"]["curve"] is False
+
+
+# -- who does not get in ------------------------------------------------------------------------
+def _intruder_keys(keys: Path, tmp_path: Path, kind: str) -> Path | None:
+    import zmq
+    paddle = fields(keys / "paddle.key")
+    if kind == "no key":
+        return None
+    if kind == "wrong server key":
+        other_server, _ = zmq.curve_keypair()
+        return key_file(tmp_path / "wrong-server.key", public=paddle["public"], secret=paddle["secret"],
+                        server=other_server.decode())
+    if kind == "unknown client key":
+        pub, sec = zmq.curve_keypair()
+        return key_file(tmp_path / "unknown.key", public=pub.decode(), secret=sec.decode(), server=paddle["server"])
+    if kind == "torch's key as paddle":
+        return keys / "torch.key"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind,why", [
+    ("no key", "connected without CURVE keys"),
+    ("wrong server key", "used the wrong server public key"),
+    ("unknown client key", "unknown client key was refused"),
+    ("torch's key as paddle", "authenticated as 'torch' claimed to be the paddle worker"),
+])
+def test_intruder_gets_no_message_through_and_the_coordinator_says_why(keys, tmp_path, procs, kind, why):
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    coord, out, log = start_coordinator(procs, tmp_path, endpoint, "--curve-keys", str(keys / "server.key"),
+                                        hello_timeout=4)
+    fake_worker(procs, tmp_path, "torch", endpoint, keys / "torch.key")          # the control: it gets in
+    fake_worker(procs, tmp_path, "paddle", endpoint, _intruder_keys(keys, tmp_path, kind))
+    code, text = finish(coord, log)
+    assert code == ExitCode.ENVIRONMENT, text
+    assert "no HELLO from paddle worker within 4s" in text
+    assert why in text, text
+    assert "admitted keys: torch" in text  # the legitimate worker was let in
+    s = load_summary(out)
+    assert s["status"] == "error" and any(why in k for k in s["security"]["refusals"]), s["security"]
+    assert "paddle" not in s.get("workers", {})
+    assert all(a["worker"] != "paddle" for a in s["security"]["attempts"])
+
+
+# -- transport policy ----------------------------------------------------------------------------
+@pytest.mark.parametrize("addr", ["0.0.0.0", "*", "192.0.2.7"])
+def test_listen_off_loopback_without_keys_is_refused(tmp_path, addr):
+    proc = coordinator(["run", "--listen", f"tcp://{addr}:{free_port()}", "--steps", "weights",
+                        "--out", str(tmp_path / "r")], env=fake_env(), timeout=30)
+    assert proc.returncode == ExitCode.USAGE, proc.stdout
+    assert "no --curve-keys" in proc.stdout and "--insecure" in proc.stdout
+
+
+def test_insecure_flag_allows_it_with_a_warning(tmp_path):
+    """Control for the refusal above: --insecure gets past the check (then times out: no workers)."""
+    proc = coordinator(["run", "--listen", f"tcp://0.0.0.0:{free_port()}", "--insecure", "--steps", "weights",
+                        "--out", str(tmp_path / "r"), "--hello-timeout", "1"], env=fake_env(), timeout=30)
+    assert proc.returncode == ExitCode.ENVIRONMENT, proc.stdout
+    assert "WARNING" in proc.stdout and "unencrypted" in proc.stdout
+    assert "no HELLO from" in proc.stdout
+
+
+def test_worker_command_refuses_plaintext_to_another_host():
+    proc = coordinator(["worker", "paddle", "--connect", "tcp://192.0.2.7:5555"], env=fake_env(), timeout=30)
+    assert proc.returncode == ExitCode.USAGE and "--insecure" in proc.stderr, proc.stderr
+
+
+def test_curve_keys_without_listen_is_a_usage_error(keys, tmp_path):
+    proc = coordinator(["run", "--curve-keys", str(keys / "server.key"), "--steps", "weights",
+                        "--out", str(tmp_path / "r")], env=fake_env(), timeout=30)
+    assert proc.returncode == ExitCode.USAGE and "only apply with --listen" in proc.stdout

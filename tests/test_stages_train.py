@@ -1,0 +1,146 @@
+"""backward / train / perf and shared dropout with both real environments (issue 3).
+
+Kept short for a 2-core box: few iterations, a 16-sentence training file, tiny perf runs.
+One aligned run serves several tests (module fixture); every check has a negative control.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from coordinator.errors import ExitCode
+from coordinator.safe_npy import load_reprod_npy
+from real_envs import real_run
+
+pytestmark = pytest.mark.frameworks
+
+N_LAYERS = 6                                   # MiniLM-L6
+DROPOUT_CALLS = 1 + 3 * N_LAYERS + 1           # embeddings, 3 per layer, classifier
+
+
+def _summary(out):
+    return json.loads((out / "summary.json").read_text())
+
+
+def _step(out, name):
+    return next(s for s in _summary(out)["steps"] if s["name"] == name)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    """16 training sentences (4 steps of 4 per epoch) and 8 dev sentences from the demo set."""
+    d = tmp_path_factory.mktemp("tiny")
+    for name, n in (("train", 16), ("dev", 8)):
+        lines = (ROOT / f"coordinator/data/demo_{name}.tsv").read_text().splitlines()
+        (d / f"{name}.tsv").write_text("\n".join(lines[:n + 1]) + "\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def aligned(tmp_path_factory, tiny_data):
+    out = tmp_path_factory.mktemp("train_aligned")
+    proc = real_run(["--steps", "backward,train,perf", "--iters", "3", "--epochs", "2",
+                     "--data", str(tiny_data / "train.tsv"), "--param", f"dev_data={tiny_data / 'dev.tsv'}",
+                     "--param", "perf_steps=2", "--param", "perf_warmup=1", "--param", "max_length=32",
+                     "--param", "perf_ratio=0"], out, timeout=400)
+    return proc, out
+
+
+@pytest.mark.timeout(450)
+def test_backward_aligns_every_gradient_and_parameter(aligned):
+    proc, out = aligned
+    assert proc.returncode == ExitCode.ALIGNED, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bw = _step(out, "backward")
+    rows = bw["details"]["iterations"]
+    assert [r["iter"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        assert r["loss_diff"] < 1e-5 and r["grad_max"] < 1e-5 and r["param_max"] < 5e-6
+        assert r["lr_torch"] == r["lr_paddle"] == 3e-5
+    grads = [d for d in bw["diffs"] if d["name"].startswith("grad_")]
+    assert len(grads) == 3 and all(d["extra"]["of"] == 105 for d in grads)   # every parameter, paddle names
+    assert bw["details"]["dropout"] == "off" and "switched off" in bw["details"]["dropout_note"]
+    t, p = load_reprod_npy(out / "backward_torch.npy"), load_reprod_npy(out / "backward_paddle.npy")
+    assert set(t) == set(p) == {"loss_0", "loss_1", "loss_2", "lr_0", "lr_1", "lr_2"}
+    lines = (out / "backward_params.jsonl").read_text().splitlines()
+    assert len(lines) == 3 * 2 * 105 and "bert.encoder.layers.0.self_attn.q_proj.weight" in "".join(lines)
+
+
+@pytest.mark.timeout(450)
+def test_train_two_epochs_matches_accuracy_and_losses(aligned):
+    proc, out = aligned
+    tr = _step(out, "train")
+    assert tr["passed"], tr["message"]
+    d = tr["details"]
+    assert d["steps"] == 8 and d["steps_planned"] == 8               # 16 sentences / 4 x 2 epochs
+    assert d["acc_diff"] <= 0.0025 and d["prediction_agreement"] == 1.0
+    assert d["loss_max_diff"] < 1e-3
+    t, p = load_reprod_npy(out / "train_torch.npy"), load_reprod_npy(out / "train_paddle.npy")
+    assert {f"loss_{i}" for i in range(8)} | {"acc"} == set(t) == set(p)
+    assert "paddle step    8/8" in proc.stdout                        # progress was printed
+
+
+@pytest.mark.timeout(450)
+def test_perf_reports_both_throughputs(aligned):
+    proc, out = aligned
+    pf = _step(out, "perf")
+    d = pf["details"]
+    for side in ("torch", "paddle"):
+        assert d[side]["samples_per_s"] > 0 and len(d[side]["step_ms"]) == 2
+    assert 0 < d["ratio"] <= 1 and d["faster"] in ("torch", "paddle") and d["batch"] == [4, 32]
+    assert pf["passed"] and "samples/s" in pf["message"]
+
+
+@pytest.mark.timeout(300)
+def test_adamw_eps_bug_fails_at_first_iteration_naming_a_parameter(tmp_path):
+    out = tmp_path / "eps"
+    proc = real_run(["--steps", "backward,perf", "--iters", "1", "--paddle-inject", "adamw_eps:1e-8",
+                     "--param", "perf_steps=1", "--param", "perf_warmup=0", "--param", "max_length=16",
+                     "--param", "perf_ratio=1.01"], out)
+    assert proc.returncode == ExitCode.DIVERGED, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bw = _step(out, "backward")
+    assert not bw["passed"]
+    assert bw["details"]["optimizer"]["paddle"]["eps"] == 1e-8
+    assert bw["details"]["first_failure"].startswith("iteration 0 (param_0)")
+    row = bw["details"]["iterations"][0]
+    assert row["first_failing_param"] and row["first_failing_param"] in bw["message"]
+    assert row["param_max"] > 5e-6
+    pf = _step(out, "perf")   # slower/faster can never reach 1.01: the verdict logic must say so
+    assert not pf["passed"] and "< 1.01" in pf["message"]
+
+
+@pytest.mark.timeout(300)
+def test_shared_dropout_masks_align_training_with_dropout_on(tmp_path, aligned):
+    out = tmp_path / "shared"
+    proc = real_run(["--steps", "backward", "--iters", "2", "--dropout", "shared"], out)
+    assert proc.returncode == ExitCode.ALIGNED, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bw = _step(out, "backward")
+    assert bw["details"]["dropout"] == "shared" and bw["details"]["dropout_calls_per_forward"] == DROPOUT_CALLS
+    rows = bw["details"]["iterations"]
+    assert all(r["loss_diff"] < 1e-5 and r["grad_max"] < 1e-5 for r in rows)
+    off = _step(aligned[1], "backward")["details"]["iterations"][0]["loss_torch"]
+    assert abs(rows[0]["loss_torch"] - off) > 1e-4        # dropout really was on (same batch, same weights)
+
+
+@pytest.mark.timeout(300)
+def test_native_dropout_on_one_side_is_caught_at_the_first_call(tmp_path):
+    out = tmp_path / "native"
+    proc = real_run(["--steps", "backward", "--iters", "1", "--dropout", "shared",
+                     "--paddle-inject", "dropout_native"], out)
+    assert proc.returncode == ExitCode.DIVERGED, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bw = _step(out, "backward")
+    assert "dropout call #0" in bw["message"] and "paddle used native dropout" in bw["message"]
+    assert bw["details"]["iterations"][0]["loss_diff"] > 1e-4
+
+
+@pytest.mark.timeout(300)
+def test_train_with_unshared_dropout_fails_on_the_losses(tmp_path, tiny_data):
+    out = tmp_path / "train_native"
+    proc = real_run(["--steps", "train", "--data", str(tiny_data / "train.tsv"),
+                     "--param", f"dev_data={tiny_data / 'dev.tsv'}", "--param", "dropout=native",
+                     "--param", "train_max_steps=2"], out)
+    assert proc.returncode == ExitCode.DIVERGED, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tr = _step(out, "train")
+    assert "step loss_" in tr["message"] and tr["details"]["loss_max_diff"] > 1e-3
+    assert np.isfinite(tr["details"]["acc_torch"])

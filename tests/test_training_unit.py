@@ -1,0 +1,74 @@
+"""Framework-free checks of the training steps' building blocks: shared dropout masks,
+per-parameter comparison, dropout call matching, the perf verdict."""
+
+import numpy as np
+import pytest
+
+from coordinator.compare import Tolerance
+from coordinator.steps._training import compare_dropout_calls, compare_named
+from coordinator.steps.perf import verdict
+from protocol.masks import DropoutLog, keep_mask, keep_scale
+
+
+def test_masks_are_reproducible_from_the_key_alone():
+    a, crc_a = keep_scale(0, 3, 5, (4, 12, 16, 16), 0.1)
+    b, crc_b = keep_scale(0, 3, 5, (4, 12, 16, 16), 0.1)
+    assert a.dtype == np.float32 and np.array_equal(a, b) and crc_a == crc_b
+    kept = a != 0
+    assert abs(kept.mean() - 0.9) < 0.01                     # P(keep) = 1 - p
+    assert np.allclose(a[kept], np.float32(1 / 0.9))        # upscale_in_train
+    unscaled, _ = keep_scale(0, 3, 5, (4, 12, 16, 16), 0.1, upscale=False)
+    assert set(np.unique(unscaled)) == {0.0, 1.0}
+
+
+@pytest.mark.parametrize("other", [(1, 3, 5, (8, 16)), (0, 4, 5, (8, 16)), (0, 3, 6, (8, 16)), (0, 3, 5, (16, 8))])
+def test_every_part_of_the_key_changes_the_mask(other):
+    """Negative control: a different seed, step, call index or shape must not reuse a mask."""
+    base = keep_mask(0, 3, 5, (8, 16), 0.5)
+    seed, step, call, shape = other
+    changed = keep_mask(seed, step, call, shape, 0.5)
+    assert changed.shape != base.shape or not np.array_equal(changed, base)
+
+
+def test_per_parameter_comparison_names_the_first_failing_parameter():
+    ref = {"a.weight": np.zeros((3, 3), np.float32), "b.bias": np.zeros(3, np.float32),
+           "c.weight": np.zeros(2, np.float32)}
+    same, per = compare_named("grad", 0, ref, {k: v.copy() for k, v in ref.items()}, Tolerance(1e-6, "max"))
+    assert same.passed and same.name == "grad_0" and same.extra["of"] == 3 and len(per) == 3
+    got = {k: v.copy() for k, v in ref.items()}
+    got["b.bias"][1] = 1e-3
+    got["c.weight"][0] = 1e-2
+    bad, _ = compare_named("param", 4, ref, got, Tolerance(1e-6, "max"))
+    assert not bad.passed and bad.name == "param_4"
+    assert bad.extra["param"] == "b.bias" and bad.extra["failing"] == 2    # first in model order
+    assert bad.extra["worst_param"] == "c.weight"                            # largest difference
+    assert "2/3 params exceed" in bad.reason and "b.bias" in bad.reason
+
+
+def test_missing_gradient_is_a_failure_named_with_its_side():
+    ref = {"a": np.zeros(2, np.float32), "b": np.zeros(2, np.float32)}
+    res, _ = compare_named("grad", 1, ref, {"a": np.zeros(2, np.float32)}, Tolerance(1e-6, "max"))
+    assert not res.passed and "'b' missing on the paddle side" in res.reason
+
+
+def _calls(*shapes, crc=7):
+    log = DropoutLog()
+    for i, s in enumerate(shapes):
+        log.add(i, s, 0.1, crc)
+    return log.take()
+
+
+def test_dropout_calls_must_match_in_order_shape_and_mask():
+    t = _calls((4, 8, 32), (4, 12, 8, 8))
+    assert compare_dropout_calls(t, _calls((4, 8, 32), (4, 12, 8, 8)), "shared") == ""
+    msg = compare_dropout_calls(t, _calls((4, 12, 8, 8), (4, 8, 32)), "shared")
+    assert "call #0" in msg and "[4, 8, 32]" in msg and "[4, 12, 8, 8]" in msg
+    msg = compare_dropout_calls(t, _calls((4, 8, 32), (4, 12, 8, 8), crc=None), "shared")
+    assert "call #0" in msg and "paddle used native dropout" in msg
+    assert "2 dropout calls per forward, paddle 1" in compare_dropout_calls(t, t[:1], "shared")
+
+
+def test_perf_verdict_is_a_ratio_of_throughputs():
+    assert verdict(10.0, 8.0, 0.5) == (True, 0.8, "torch")
+    assert verdict(2.0, 8.0, 0.5) == (False, 0.25, "paddle")
+    assert verdict(0.0, 8.0, 0.0)[0] is False
