@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "acc_threshold": 0.0025,    # train: max |acc_torch - acc_paddle| (guide: 0.25%)
     "perf_steps": 5,
     "perf_warmup": 2,
+    "perf_seq_len": 32,         # timed batch length: the demo's sentences (7-13 words) pad to ~16-32 tokens
     "perf_ratio": 0.5,          # perf passes when slower/faster throughput >= this
     "dropout": "off",           # off | shared (| native: each side's own RNG, a negative control)
     "metric_batches": 4,
