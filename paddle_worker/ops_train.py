@@ -43,8 +43,8 @@ class TrainOps:
         model = self._need_model()
         model.train()
         with self._train_state()["dropout"].forward():
-            logits = _models.forward(model, self.model_info, inputs)["logits"]
-        loss = paddle.nn.functional.cross_entropy(logits, labels)
+            outputs = _models.forward(model, self.model_info, inputs)
+        loss = training_loss(outputs, labels, self.model_info, _models, model, inputs, paddle.nn.functional.cross_entropy)
         loss.backward()
         return loss
 
@@ -131,3 +131,17 @@ class TrainOps:
 
 
 OPS = (TrainOps,)
+
+
+def training_loss(outputs: dict, labels: Any, info: dict, models_mod: Any, model: Any, inputs: dict, ce: Any) -> Any:
+    """BERT presets: cross-entropy on logits. Factory models: the factory's ``loss(outputs, batch)``
+    when it gave one, else cross-entropy on the model's only output (``output``/``logits``)."""
+    if info.get("kind") == "factory":
+        extras = models_mod.factory_extras(model)
+        if extras is not None and extras.loss is not None:
+            return extras.loss(outputs, dict(inputs, labels=labels))
+        if "logits" not in outputs and len(outputs) != 1:
+            raise ValueError(f"factory model returns {sorted(outputs)}: give the factory a 'loss' "
+                             f"(see protocol/factory.py) so backward/train know what to minimise")
+    logits = outputs["logits"] if "logits" in outputs else next(iter(outputs.values()))
+    return ce(logits, labels)

@@ -43,7 +43,7 @@ def aligned(tmp_path_factory, tiny_data):
     out = tmp_path_factory.mktemp("train_aligned")
     proc = real_run(["--steps", "backward,train,perf", "--iters", "3", "--epochs", "2",
                      "--data", str(tiny_data / "train.tsv"), "--param", f"dev_data={tiny_data / 'dev.tsv'}",
-                     "--param", "perf_steps=2", "--param", "perf_warmup=1", "--param", "max_length=32",
+                     "--param", "perf_steps=2", "--param", "perf_warmup=1", "--param", "perf_seq_len=32",
                      "--param", "perf_ratio=0"], out, timeout=400)
     return proc, out
 
@@ -96,7 +96,7 @@ def test_perf_reports_both_throughputs(aligned):
 def test_adamw_eps_bug_fails_at_first_iteration_naming_a_parameter(tmp_path):
     out = tmp_path / "eps"
     proc = real_run(["--steps", "backward,perf", "--iters", "1", "--paddle-inject", "adamw_eps:1e-8",
-                     "--param", "perf_steps=1", "--param", "perf_warmup=0", "--param", "max_length=16",
+                     "--param", "perf_steps=1", "--param", "perf_warmup=0", "--param", "perf_seq_len=16",
                      "--param", "perf_ratio=1.01"], out)
     assert proc.returncode == ExitCode.DIVERGED, proc.stdout[-3000:] + proc.stderr[-3000:]
     bw = _step(out, "backward")
