@@ -2,7 +2,7 @@
 
 Each side runs ``perf_warmup`` untimed then ``perf_steps`` timed full training steps
 (forward, backward, AdamW update, native dropout: what real training runs) on the same
-seeded batch of ``batch_size`` x ``perf_seq_len`` tokens (default 32: the length the demo
+seeded batch of ``batch_size`` x ``perf_seq_len`` tokens, timed steps interleaved between the sides (default 32: the length the demo
 sentences pad to, so the timing matches the training run being checked; on CPU, paddle 3.3.1
 is 4-7x slower than torch at 128 tokens but close at 32 — see docs/training.md). The sides run one after the other,
 never at once, whatever the schedule, so neither competes with the other for cores or
@@ -64,11 +64,22 @@ def _run(rc: RunContext) -> StepResult:
     inputs, labels = batch(rc)
     body = {"inputs": inputs, "labels": labels, "warmup": warmup, "steps": steps}
     rc.say(f"  {warmup} warm-up + {steps} timed training steps per side, batch {inputs['input_ids'].shape}, "
-           f"one side at a time")
+           f"one side at a time, timed steps interleaved")
+    # Interleave: warm up each side, then time one step per side in turns, so load from anything
+    # else on the machine falls on both sides alike instead of on whichever side ran second.
+    times: dict[str, list[float]] = {"torch": [], "paddle": []}
+    info: dict[str, dict] = {}
+    for name in ("torch", "paddle"):
+        info[name] = rc.session.request(name, "perf", dict(body, warmup=warmup, steps=1))
+    for _ in range(steps):
+        for name in ("torch", "paddle"):
+            r = rc.session.request(name, "perf", dict(body, warmup=0, steps=1))
+            times[name].extend(float(t) for t in r["times"])
+            info[name] = r
     sides = {}
     for name in ("torch", "paddle"):
-        r = rc.session.request(name, "perf", body)
-        sides[name] = _side(np.asarray(r["times"], np.float64), int(r["samples"]), int(r.get("threads") or 0))
+        r = info[name]
+        sides[name] = _side(np.asarray(times[name], np.float64), int(r["samples"]), int(r.get("threads") or 0))
         rc.say(f"  {name:6s} {sides[name]['samples_per_s']:8.2f} samples/s  "
                f"(median step {sides[name]['step_ms_median']:.1f} ms)")
     t_sps, p_sps = sides["torch"]["samples_per_s"], sides["paddle"]["samples_per_s"]
