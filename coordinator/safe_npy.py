@@ -1,7 +1,7 @@
 """Read reprod_log ``.npy`` files without trusting them.
 
 reprod_log saves ``np.save(path, dict)``: a pickle. Loading it with
-``np.load(allow_pickle=True)`` runs whatever the file says. This loader parses the
+``np.load`` with pickles allowed runs whatever the file says. This loader parses the
 ``.npy`` header itself, then reads the payload with an unpickler that can build
 exactly three things — numpy arrays, numpy dtypes and numpy scalars — and nothing
 else (no functions, no other classes, no persistent ids). The result must be a
