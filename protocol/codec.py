@@ -33,7 +33,7 @@ DTYPES: dict[str, np.dtype] = {
 BF16 = "bfloat16"  # travels as its uint16 bit pattern
 
 EXT_ARRAY = 1
-CHUNK_BYTES = 32 << 20          # split tensors larger than this into several frames
+CHUNK_BYTES = 8 << 20           # split larger tensors (8 MiB: below glibc's mmap ceiling, bench/RESULTS.md)
 MAX_HEADER_BYTES = 64 << 20     # a header this large is garbage or abuse
 
 

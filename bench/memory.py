@@ -1,0 +1,86 @@
+"""Peak RSS of the coordinator during `coordinator run --steps layers` (all-layer capture).
+
+The coordinator is started as a child; its peak resident set (VmHWM) is read from
+/proc/<pid>/status while it runs (psutil is not needed) and compared with the bytes of one
+side's captured activations, which the layers step reports in its summary.
+
+    .venv/bin/python bench/memory.py                 # MiniLM-L6, steps weights,layers
+    .venv/bin/python bench/memory.py --smoke         # lr step only: exercises the measuring (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _runs import COORD, ROOT  # noqa: E402
+
+
+def vm_hwm_kib(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def run_measured(steps: str, out: Path, extra: list[str]) -> tuple[int, float, dict]:
+    """(peak RSS KiB of the coordinator process, wall seconds, summary)."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([str(COORD), "run", "--steps", steps, "--out", str(out), *extra], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, vm_hwm_kib(proc.pid) or 0)
+        time.sleep(0.05)
+    if proc.returncode not in (0, 1):
+        raise SystemExit(f"coordinator run --steps {steps} exited {proc.returncode} (see {out})")
+    return peak, time.perf_counter() - t0, json.loads((out / "summary.json").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="lr step only (CI)")
+    args = ap.parse_args()
+    steps = "lr" if args.smoke else "weights,layers"
+    with tempfile.TemporaryDirectory(prefix="lsb-mem-") as d:
+        peak, wall, summary = run_measured(steps, Path(d) / "run", [])
+    print(f"steps: {steps} (MiniLM-L6); wall {wall:.1f} s")
+    print(f"{'step':<10} {'seconds':>8} message")
+    for s in summary["steps"]:
+        print(f"{s['name']:<10} {float(s['seconds']):8.2f} {str(s.get('message', ''))[:150]}")
+    print(f"{'coordinator peak RSS MiB':<26} {peak / 1024:8.1f}")
+    for step in summary["steps"]:
+        for phase, info in _phases(step):
+            print(f"{phase + ' one side MiB':<26} {side_bytes(info) / (1 << 20):8.1f} "
+                  f"(held peak {info.get('stats', {}).get('held_peak_bytes', 0) / (1 << 20):.1f} MiB, "
+                  f"spilled {info.get('stats', {}).get('spilled_bytes', 0) / (1 << 20):.1f} MiB)")
+
+
+def _phases(step: dict) -> list[tuple[str, dict]]:
+    details = step.get("details") or {}
+    return [(ph, details[ph]) for ph in ("forward", "backward")
+            if isinstance(details.get(ph), dict) and "rows" in details[ph]]
+
+
+def side_bytes(info: dict) -> int:
+    """One side's captured tensor bytes: every compared row's shape, float32."""
+    total = 0
+    for row in info.get("rows", []):
+        n = 4
+        for d in row.get("shape") or []:
+            n *= int(d)
+        total += n if row.get("shape") else 0
+    return total
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""The benchmarks in bench/ still run (--smoke, tiny sizes) and print their columns.
+
+No timing is asserted: the numbers belong in bench/RESULTS.md, not in CI verdicts.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def smoke(script: str) -> str:
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, f"bench/{script} --smoke exited {r.returncode}:\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+@pytest.mark.timeout(60)
+def test_transport_smoke() -> None:
+    out = smoke("transport.py")
+    assert "memcpy GB/s" in out and "zmq med GB/s" in out and "ratio best" in out
+    assert "4 KiB" in out and "1 MiB" in out
+
+
+@pytest.mark.frameworks
+@pytest.mark.timeout(240)
+def test_overhead_smoke() -> None:
+    out = smoke("overhead.py")
+    assert "frameworks alone (torch+paddle)" in out and "coordinator steps" in out and "overhead" in out
+
+
+@pytest.mark.frameworks
+@pytest.mark.timeout(240)
+def test_workflow_smoke() -> None:
+    out = smoke("workflow.py")
+    assert "separate scripts" in out and "coordinator run" in out and "speedup" in out
+
+
+@pytest.mark.frameworks
+@pytest.mark.timeout(240)
+def test_memory_smoke() -> None:
+    out = smoke("memory.py")
+    assert "coordinator peak RSS MiB" in out and "lr" in out
