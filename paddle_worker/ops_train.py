@@ -63,7 +63,7 @@ class TrainOps:
         st["opt"].step()
         st["opt"].clear_grad()
         if "params" in want:
-            out["params"] = {n: to_numpy(p) for n, p in model.named_parameters()}
+            out["params"] = {n: to_numpy(p) for n, p in model.named_parameters() if not p.stop_gradient}
         model.eval()
         return out
 

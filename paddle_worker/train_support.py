@@ -38,10 +38,10 @@ def build_optimizer(model: paddle.nn.Layer, cfg: dict[str, Any], inject: list[st
     if inject_value(inject, "adamw_eps"):
         eps = float(inject_value(inject, "adamw_eps"))
     no_decay = [] if inject_value(inject, "adamw_wd_all") is not None else NO_DECAY
-    named = list(model.named_parameters())
+    named = [(n, p) for n, p in model.named_parameters() if not p.stop_gradient]  # BatchNorm stats are not trained
     decay = [n for n, _ in named if not any(nd in n for nd in no_decay)]
     decay_internal = {p.name for n, p in named if n in set(decay)}
-    opt = paddle.optimizer.AdamW(learning_rate=float(cfg["lr"]), parameters=model.parameters(),
+    opt = paddle.optimizer.AdamW(learning_rate=float(cfg["lr"]), parameters=[p for _, p in named],
                                  weight_decay=float(cfg["weight_decay"]), epsilon=eps, beta1=0.9, beta2=0.999,
                                  apply_decay_param_fun=lambda name: name in decay_internal)
     return opt, {"eps": eps, "lr": float(cfg["lr"]), "weight_decay": float(cfg["weight_decay"]),

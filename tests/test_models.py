@@ -177,3 +177,25 @@ def test_factory_returning_the_wrong_type_is_named(tmp_path):
     msg = " ".join(proc.stdout.split())
     assert "paddle worker failed in op 'load_model': TypeError: factory 'wrong_paddle:build': 'model' is a " \
            "builtins.str, not a paddle.nn.Layer" in msg
+
+
+@pytest.mark.frameworks
+@pytest.mark.parametrize("port,expect", [("cnn", 0), ("cnn_buggy", 1)])
+def test_cnn_factory_backward(tmp_path, port, expect):
+    """Factory models train on their own output; BatchNorm running stats are not parameters.
+
+    conv biases feeding BatchNorm have a ~0 true gradient that Adam turns into lr-sized noise,
+    hence the looser parameter tolerance (docs/own-model.md). The buggy port (BatchNorm eps)
+    must still fail, at iteration 0, on the loss.
+    """
+    from real_envs import real_run
+    proc = real_run(["--steps", "weights,backward", "--iters", "2", "--tolerance", "backward.param=max:1e-4",
+                     "--torch-model", "examples.cnn.torch_model:build",
+                     "--paddle-model", f"examples.{port}.paddle_model:build"], tmp_path / "r")
+    assert proc.returncode == expect, proc.stdout[-3000:] + proc.stderr[-2000:]
+    s = json.loads((tmp_path / "r" / "summary.json").read_text())
+    bwd = s["steps"][-1]
+    if expect:
+        assert "iteration 0 (loss_0)" in bwd["message"]
+    else:
+        assert "12 gradients and parameters" in bwd["message"]
