@@ -21,6 +21,7 @@ from typing import Any, Callable
 import paddle
 
 from .adapter import from_numpy, to_numpy
+from protocol.shared import NoHooks as _NoHooks
 
 WINDOW = 16   # recent outputs remembered for input references (kept alive while listed)
 ACT_ATTR = re.compile(r"(^|_)(act|activation|act_fn|activation_fn|hidden_act_fn)$")
@@ -272,24 +273,6 @@ def _tree(model: paddle.nn.Layer) -> list[dict[str, Any]]:
             out.append({"name": pseudo, "type": f"function:{getattr(fn, '__name__', 'fn')}", "params": [],
                         "children": [], "function": True})
     return out
-
-
-class _NoHooks:
-    """``hooks: false``: the very same pass without any hook (the benchmark's baseline)."""
-
-    seq, seconds = 0, 0.0
-
-    def __enter__(self) -> "_NoHooks":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        pass
-
-    def hook_params(self) -> None:
-        pass
-
-    def _next(self) -> int:
-        return 0
 
 
 class LayerOps:

@@ -15,20 +15,12 @@ import numpy as np
 import paddle
 
 from protocol.masks import DropoutLog, keep_scale
+from protocol.shared import inject_value  # noqa: F401  (re-exported for the ops modules)
 
 # Injects this module applies (negative controls): adamw_eps:<eps>, adamw_wd_all, dropout_native.
 INJECT_NAMES = ("adamw_eps", "adamw_wd_all", "dropout_native")
 
 NO_DECAY = ["bias", "norm"]   # the guide's paddle recipe: PaddleNLP names LayerNorms *norm*
-
-
-def inject_value(inject: list[str], name: str) -> str | None:
-    """The value of ``name:<value>`` (or ``""`` for a bare flag) in the inject list, else None."""
-    for item in inject:
-        head, _, rest = item.partition(":")
-        if head == name:
-            return rest
-    return None
 
 
 def build_optimizer(model: paddle.nn.Layer, cfg: dict[str, Any], inject: list[str]) -> tuple[Any, dict[str, Any]]:

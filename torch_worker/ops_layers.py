@@ -18,6 +18,7 @@ from typing import Any, Callable
 import torch
 
 from .adapter import from_numpy, to_numpy
+from protocol.shared import NoHooks as _NoHooks
 
 WINDOW = 16   # recent outputs remembered for input references (they stay alive while listed)
 
@@ -197,24 +198,6 @@ def _tree(model: torch.nn.Module) -> list[dict[str, Any]]:
                     "params": [p for p, _ in mod.named_parameters(recurse=False)],
                     "children": [c for c, _ in mod.named_children()]})
     return out
-
-
-class _NoHooks:
-    """``hooks: false``: the very same pass without any hook (the benchmark's baseline)."""
-
-    seq, seconds = 0, 0.0
-
-    def __enter__(self) -> "_NoHooks":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        pass
-
-    def hook_params(self) -> None:
-        pass
-
-    def _next(self) -> int:
-        return 0
 
 
 class LayerOps:

@@ -15,20 +15,12 @@ import numpy as np
 import torch
 
 from protocol.masks import DropoutLog, keep_scale
+from protocol.shared import inject_value  # noqa: F401  (re-exported for the ops modules)
 
 # Injects this module applies (negative controls): adamw_eps:<eps>, adamw_wd_all, dropout_native.
 INJECT_NAMES = ("adamw_eps", "adamw_wd_all", "dropout_native")
 
 NO_DECAY = ["bias", "LayerNorm.weight"]   # the guide's torch recipe (HF run_glue)
-
-
-def inject_value(inject: list[str], name: str) -> str | None:
-    """The value of ``name:<value>`` (or ``""`` for a bare flag) in the inject list, else None."""
-    for item in inject:
-        head, _, rest = item.partition(":")
-        if head == name:
-            return rest
-    return None
 
 
 def build_optimizer(model: torch.nn.Module, cfg: dict[str, Any], inject: list[str]
