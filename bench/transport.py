@@ -30,7 +30,7 @@ import numpy as np
 import zmq
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from protocol import codec  # noqa: E402
+from protocol import codec, shm  # noqa: E402
 from protocol.codec import decode, encode  # noqa: E402
 
 POOL_BYTES = 64 << 20
@@ -49,8 +49,9 @@ def memcpy_gbps(nbytes: int, reps: int) -> float:
     return nbytes * reps / (time.perf_counter() - t0) / 1e9
 
 
-def _sender(endpoint: str, nbytes: int, reps: int, chunk: int, sockbuf: int) -> None:
+def _sender(endpoint: str, nbytes: int, reps: int, chunk: int, sockbuf: int, ring: tuple | None) -> None:
     codec.CHUNK_BYTES = chunk  # the worker's encode() splits tensors at this size
+    writer = shm.RingWriter(*ring) if ring else None  # what protocol.worker.serve opens
     ctx = zmq.Context()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.IDENTITY, b"bench")
@@ -62,14 +63,22 @@ def _sender(endpoint: str, nbytes: int, reps: int, chunk: int, sockbuf: int) -> 
     s.send(b"ready")
     s.recv()
     for i in range(reps):
-        s.send_multipart(encode("partial", i, "bench", {"t": a}), copy=False)  # as the worker sends
+        s.send_multipart(encode("partial", i, "bench", {"t": a}, shm=writer), copy=False)  # as the worker sends
     s.recv()
     s.close(linger=1000)
     ctx.term()
 
 
-def zmq_gbps(nbytes: int, reps: int, endpoint: str, chunk: int, sockbuf: int) -> float:
-    """Send ``reps`` tensors of ``nbytes``; time from the first request to the last decode."""
+def zmq_gbps(nbytes: int, reps: int, endpoint: str, chunk: int, sockbuf: int, ring_bytes: int = 0,
+             warm: bool = False) -> float:
+    """Send ``reps`` tensors of ``nbytes``; time from the first request to the last decode.
+
+    ``ring_bytes``: a shared-memory ring of that size, as ``Session.launch`` gives a local
+    worker (0: frames only, the path of remote workers); ``warm``: its pages touched once
+    before timing, as they are after a run's first tensors went through."""
+    reader = shm.RingReader(ring_bytes) if ring_bytes else None
+    if reader and warm:
+        reader.prefault()
     ctx = zmq.Context()
     r = ctx.socket(zmq.ROUTER)
     r.setsockopt(zmq.LINGER, 0)
@@ -78,7 +87,8 @@ def zmq_gbps(nbytes: int, reps: int, endpoint: str, chunk: int, sockbuf: int) ->
         r.setsockopt(zmq.SNDBUF, sockbuf)
         r.setsockopt(zmq.RCVBUF, sockbuf)
     r.bind(endpoint)
-    p = mp.get_context("fork").Process(target=_sender, args=(endpoint, nbytes, reps, chunk, sockbuf))
+    ring = (reader.fd, reader.size) if reader else None
+    p = mp.get_context("fork").Process(target=_sender, args=(endpoint, nbytes, reps, chunk, sockbuf, ring))
     p.start()
     try:
         ident, _ = r.recv_multipart()
@@ -86,8 +96,9 @@ def zmq_gbps(nbytes: int, reps: int, endpoint: str, chunk: int, sockbuf: int) ->
         t0 = time.perf_counter()
         total = 0
         for _ in range(reps):
-            msg = decode(r.recv_multipart(copy=False)[1:])
+            msg = decode(r.recv_multipart(copy=False)[1:], shm=reader)
             total += msg.body["t"].nbytes
+            del msg  # the coordinator compares and drops: ring pages go back
         took = time.perf_counter() - t0
         r.send_multipart([ident, b"done"])
     finally:
@@ -96,6 +107,8 @@ def zmq_gbps(nbytes: int, reps: int, endpoint: str, chunk: int, sockbuf: int) ->
             p.kill()
         r.close(0)
         ctx.term()
+        if reader:
+            reader.close()
     assert total == nbytes * reps
     return total / took / 1e9
 
@@ -113,26 +126,36 @@ def main() -> None:
     ap.add_argument("--sockbuf-mib", type=float, default=None,
                     help="SNDBUF/RCVBUF on both sockets, 0 = OS default "
                          "(default: protocol.codec.SOCKET_BUFFER_BYTES if present)")
+    ap.add_argument("--ring-mib", type=float, default=shm.configured_bytes() / (1 << 20),
+                    help="shared-memory ring per worker for the 'ring' path (default: LOCKSTEP_SHM_MIB or "
+                         f"{shm.DEFAULT_MIB}); 0 measures frames only")
     args = ap.parse_args()
     sockbuf_default = getattr(codec, "SOCKET_BUFFER_BYTES", 0)
     sockbuf = sockbuf_default if args.sockbuf_mib is None else int(args.sockbuf_mib * (1 << 20))
     chunk = int(args.chunk_mib * (1 << 20))
+    ring = int(args.ring_mib * (1 << 20)) // shm.PAGE * shm.PAGE if shm.available() else 0
     sizes = [4 << 10, 1 << 20] if args.smoke else [4 << 10, 1 << 20, 16 << 20, 128 << 20]
     rounds = 1 if args.smoke else args.rounds
+    paths = [("frames", 0, False)] + ([("ring", ring, False), ("ring*", ring, True)] if ring else [])
     print(f"chunk {chunk / (1 << 20):g} MiB, socket buffers {sockbuf / (1 << 20):g} MiB (0 = OS default), "
-          f"{rounds} round(s), cpus {os.cpu_count()}")
-    print(f"{'size':>8} {'memcpy GB/s':>12} {'zmq med GB/s':>13} {'zmq best GB/s':>14} {'ratio med':>10} "
+          f"ring {ring / (1 << 20):g} MiB, {rounds} round(s), cpus {os.cpu_count()}")
+    print("frames: every byte through the ipc socket (remote workers); ring: the shared-memory path "
+          "Session.launch gives local workers (tensors under 64 KiB still go as frames), fresh pages; "
+          "ring*: the same with the ring's pages touched once before (a run's steady state)")
+    print(f"{'size':>8} {'path':>7} {'memcpy GB/s':>12} {'med GB/s':>9} {'best GB/s':>10} {'ratio med':>10} "
           f"{'ratio best':>11}")
     d = tempfile.mkdtemp(prefix="lsb-")
     for n in sizes:
         reps = 20 if args.smoke else max(4, min(4000, (512 << 20) // n))
-        mem, got = [], []
-        for k in range(rounds):
-            mem.append(memcpy_gbps(n, reps))
-            got.append(zmq_gbps(n, reps, f"ipc://{d}/p{n}-{k}", chunk, sockbuf))
-        m = max(mem)  # the memcpy yardstick at its best: ratios are conservative
-        med, best = statistics.median(got), max(got)
-        print(f"{label(n):>8} {m:12.2f} {med:13.2f} {best:14.2f} {med / m:10.1%} {best / m:11.1%}")
+        for path, ring_bytes, warm in paths:
+            mem, got = [], []
+            for k in range(rounds):
+                mem.append(memcpy_gbps(n, reps))
+                got.append(zmq_gbps(n, reps, f"ipc://{d}/p{n}-{path}-{k}", chunk, sockbuf, ring_bytes, warm))
+            m = max(mem)  # the memcpy yardstick at its best: ratios are conservative
+            med, best = statistics.median(got), max(got)
+            print(f"{label(n):>8} {path:>7} {m:12.2f} {med:9.2f} {best:10.2f} {med / m:10.1%} {best / m:11.1%}",
+                  flush=True)
 
 
 if __name__ == "__main__":

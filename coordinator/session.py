@@ -22,7 +22,7 @@ from typing import Any, Callable
 import zmq
 
 from protocol import PROTOCOL_VERSION
-from protocol import codec
+from protocol import codec, shm
 from protocol.codec import Message, decode, encode
 from protocol.errors import ProtocolError, RemoteError
 
@@ -62,6 +62,7 @@ class WorkerHandle:
     first_malformed: str = ""
     last_malformed: str = ""
     stopped: bool = False          # stopped on purpose (stop_worker): its exit is no death
+    ring: shm.RingReader | None = None  # shared-memory fast path for its tensors (local workers)
 
     def log_tail(self, lines: int = 30) -> str:
         if not self.log_path or not self.log_path.exists():
@@ -167,18 +168,41 @@ class Session:
         if not Path(argv[0]).is_absolute() or not Path(argv[0]).exists():
             raise WorkerStartupError(f"{spec.name} worker: interpreter {argv[0]} does not exist "
                                      f"({spec.fix or 'run `coordinator envs create` to build the environment'})")
+        ring = self._make_ring(spec.name)
+        if ring is not None:
+            env[shm.ENV] = ring.env_value()
         logf = open(log_path, "ab", buffering=0)
         try:
             proc = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    env=env, cwd=str(self.run_dir), start_new_session=True)
+                                    env=env, cwd=str(self.run_dir), start_new_session=True,
+                                    pass_fds=(ring.fd,) if ring is not None else ())
         except OSError as exc:
+            if ring is not None:
+                ring.close()
             raise WorkerStartupError(f"{spec.name} worker could not start {argv[0]}: {exc}"
                                      f"{' (' + spec.fix + ')' if spec.fix else ''}") from exc
         finally:
             logf.close()
-        handle = WorkerHandle(spec, proc, log_path)
+            if ring is not None:
+                ring.close_fd()  # the worker has its copy; the mapping stays
+        handle = WorkerHandle(spec, proc, log_path, ring=ring)
         self.workers[spec.name] = handle
         return handle
+
+    def _make_ring(self, name: str) -> shm.RingReader | None:
+        """A shared-memory ring for a local worker (``LOCKSTEP_SHM_MIB``; 0 or no memfd: frames only)."""
+        try:
+            size = shm.configured_bytes()
+        except ProtocolError as exc:
+            raise UsageError(str(exc)) from None
+        if not size or not shm.available():
+            return None
+        try:
+            return shm.RingReader(size)
+        except (OSError, ProtocolError) as exc:
+            print(f"lockstep: no shared-memory ring for the {name} worker ({exc}); tensors go as frames",
+                  file=sys.stderr)
+            return None
 
     def expect_remote(self, spec: WorkerSpec) -> WorkerHandle:
         """Register a worker started elsewhere (``coordinator worker ... --connect``)."""
@@ -261,6 +285,9 @@ class Session:
         if self.auth is not None:
             self.auth.stop()
             self.auth = None
+        for h in self.workers.values():
+            if h.ring is not None:
+                h.ring.close()  # unmapped now, or with the last array still viewing it
         self.sock.close(0)
         self.ctx.term()
 
@@ -290,6 +317,8 @@ class Session:
     def stats(self) -> dict[str, Any]:
         """Protocol counters for the report: what was dropped instead of failing the run."""
         return {"discarded": self.discarded,
+                "shm": {n: {"tensors": h.ring.tensors, "bytes": h.ring.bytes}
+                        for n, h in self.workers.items() if h.ring is not None},
                 "malformed": {n: h.stray_messages for n, h in self.workers.items() if h.stray_messages},
                 "first_malformed": {n: h.first_malformed for n, h in self.workers.items() if h.first_malformed}}
 
@@ -415,7 +444,7 @@ class Session:
             self.discarded += 1  # an admitted key speaking under another worker's name
             return None
         try:
-            return ident, decode(frames[1:])
+            return ident, decode(frames[1:], shm=self.workers[ident].ring)
         except ProtocolError as exc:
             h = self.workers[ident]
             h.stray_messages += 1

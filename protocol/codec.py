@@ -110,14 +110,20 @@ def _as_le_contiguous(a: np.ndarray) -> np.ndarray:
     return a if a.flags.c_contiguous else a.copy(order="C")  # keeps 0-d arrays 0-d
 
 
-def encode(kind: str, id: int, op: str, body: Any = None, version: int | None = None) -> list:
-    """Return the frames of one message: [header, tensor frames...]."""
+def encode(kind: str, id: int, op: str, body: Any = None, version: int | None = None,
+           shm: Any = None) -> list:
+    """Return the frames of one message: [header, tensor frames...].
+
+    ``shm`` (a ``protocol.shm.RingWriter``, worker side only): tensors that fit go into
+    the shared ring instead of frames; their table entry is ``[dtype, shape, 0, offset]``.
+    """
     from . import PROTOCOL_VERSION
 
     if kind not in KINDS:
         raise ProtocolError(f"unknown message kind {kind!r}")
     table: list[list] = []
     frames: list = []
+    in_ring: list[tuple[int, int]] = []  # regions to hand back if the message is never sent
 
     def default(obj: Any) -> Any:
         if isinstance(obj, BFloat16):
@@ -132,6 +138,11 @@ def encode(kind: str, id: int, op: str, body: Any = None, version: int | None = 
         else:
             raise TypeError(f"cannot encode {type(obj).__name__}")
         raw = arr.reshape(-1).view(np.uint8) if arr.size else np.empty(0, np.uint8)
+        offset = shm.put(raw) if shm is not None else None
+        if offset is not None:
+            in_ring.append((offset, raw.size))
+            table.append([dtype_name, list(arr.shape), 0, offset])
+            return msgpack.ExtType(EXT_ARRAY, struct.pack("<I", len(table) - 1))
         step = min(CHUNK_BYTES, MAX_FRAME_BYTES)
         chunks = [raw[i:i + step] for i in range(0, raw.size, step)] or [raw]
         table.append([dtype_name, list(arr.shape), len(chunks)])
@@ -141,15 +152,20 @@ def encode(kind: str, id: int, op: str, body: Any = None, version: int | None = 
     header = {"v": PROTOCOL_VERSION if version is None else version, "kind": kind,
               "id": int(id), "op": str(op), "body": body}
     try:
-        packed = msgpack.packb(header, default=default, use_bin_type=True, strict_types=False)
-    except (TypeError, ValueError, OverflowError) as exc:
-        raise ProtocolError(f"cannot encode message for op {op!r}: {exc}") from exc
-    # The arrays table goes after the body was walked; pack it as a second map entry.
-    header_frame = msgpack.packb({"a": table}, use_bin_type=True) + packed
-    limit = min(MAX_HEADER_BYTES, MAX_FRAME_BYTES)
-    if len(header_frame) > limit:  # the peer would drop it (or the connection): fail here, by name
-        raise ProtocolError(f"header of op {op!r} is {len(header_frame)} bytes, limit {limit} "
-                            f"(send large data as numpy arrays, which are chunked)")
+        try:
+            packed = msgpack.packb(header, default=default, use_bin_type=True, strict_types=False)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ProtocolError(f"cannot encode message for op {op!r}: {exc}") from exc
+        # The arrays table goes after the body was walked; pack it as a second map entry.
+        header_frame = msgpack.packb({"a": table}, use_bin_type=True) + packed
+        limit = min(MAX_HEADER_BYTES, MAX_FRAME_BYTES)
+        if len(header_frame) > limit:  # the peer would drop it (or the connection): fail here, by name
+            raise ProtocolError(f"header of op {op!r} is {len(header_frame)} bytes, limit {limit} "
+                                f"(send large data as numpy arrays, which are chunked)")
+    except BaseException:
+        for offset, nbytes in in_ring:
+            shm.unput(offset, nbytes)
+        raise
     return [header_frame, *frames]
 
 
@@ -165,22 +181,25 @@ def _check_shape(shape: Any) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def decode(frames: Sequence[Any]) -> Message:
+def decode(frames: Sequence[Any], shm: Any = None) -> Message:
     """Parse and validate one message; raise ProtocolError on anything malformed.
+
+    ``shm`` (a ``protocol.shm.RingReader``): the sender's ring, for tensors announced in
+    shared memory; a message announcing one on a connection without a ring is refused.
 
     Only ProtocolError ever leaves: whatever else a hostile message provokes (numpy's
     "array is too big" for a zero-sized shape with huge dimensions, ...) is wrapped,
     so a peer's garbage can never crash the process that reads it.
     """
     try:
-        return _decode(frames)
+        return _decode(frames, shm)
     except ProtocolError:
         raise
     except Exception as exc:
         raise ProtocolError(f"malformed message: {type(exc).__name__}: {exc}") from None
 
 
-def _decode(frames: Sequence[Any]) -> Message:
+def _decode(frames: Sequence[Any], shm: Any) -> Message:
     if not frames:
         raise ProtocolError("empty message")
     head = _buffer(frames[0])
@@ -212,7 +231,7 @@ def _decode(frames: Sequence[Any]) -> Message:
     pos = 1
     total = 0
     for entry in table:
-        if not (isinstance(entry, list) and len(entry) == 3 and isinstance(entry[0], str)
+        if not (isinstance(entry, list) and len(entry) in (3, 4) and isinstance(entry[0], str)
                 and isinstance(entry[2], int) and not isinstance(entry[2], bool)):
             raise ProtocolError(f"bad arrays table entry {entry!r:.100}")
         dtype_name, shape, nframes = entry[0], _check_shape(entry[1]), entry[2]
@@ -222,6 +241,17 @@ def _decode(frames: Sequence[Any]) -> Message:
             dtype = DTYPES[dtype_name]
         else:
             raise ProtocolError(f"dtype {dtype_name!r:.40} is not in the whitelist")
+        if len(entry) == 4:  # in the shared ring, not in frames
+            need = math.prod(shape) * dtype.itemsize
+            total += need
+            if total > MAX_MESSAGE_BYTES:
+                raise ProtocolError(f"message announces {total} tensor bytes, limit {MAX_MESSAGE_BYTES}")
+            if nframes != 0 or shm is None:
+                raise ProtocolError(f"array {len(arrays)} announces shared memory "
+                                    f"{'with frames' if nframes else 'but this connection has no ring'}")
+            arr = shm.view(entry[3], need, dtype, shape)
+            arrays.append(BFloat16(arr) if dtype_name == BF16 else arr)
+            continue
         if nframes < 1 or pos + nframes > len(frames):
             raise ProtocolError(f"array {len(arrays)} announces {nframes} frames, message has {len(frames) - pos} left")
         need = math.prod(shape) * dtype.itemsize
@@ -249,25 +279,29 @@ def _decode(frames: Sequence[Any]) -> Message:
     if pos != len(frames):
         raise ProtocolError(f"{len(frames) - pos} unannounced frames after the tensors")
 
-    used: set[int] = set()
-
-    def resolve(obj: Any, depth: int = 0) -> Any:
-        if depth > 64:
-            raise ProtocolError("body nested too deeply")
-        if isinstance(obj, _Placeholder):
-            idx = obj.index()
-            if idx >= len(arrays):
-                raise ProtocolError(f"body refers to array {idx}, only {len(arrays)} sent")
-            used.add(idx)
-            return arrays[idx]
-        if isinstance(obj, list):
-            return [resolve(x, depth + 1) for x in obj]
-        if isinstance(obj, dict):
-            return {k: resolve(v, depth + 1) for k, v in obj.items()}
-        return obj
-
-    body = resolve(header.get("body"))
+    body = _resolve(header.get("body"), arrays)
     return Message(kind, mid, op, body, version, nbytes=total)
+
+
+def _resolve(obj: Any, arrays: list, depth: int = 0) -> Any:
+    """Put the arrays in place of their placeholders.
+
+    A module-level function on purpose: a recursive closure is a reference cycle that
+    would keep every received array alive until the cyclic GC runs (and, with the
+    shared-memory ring, keep its pages from being reused).
+    """
+    if depth > 64:
+        raise ProtocolError("body nested too deeply")
+    if isinstance(obj, _Placeholder):
+        idx = obj.index()
+        if idx >= len(arrays):
+            raise ProtocolError(f"body refers to array {idx}, only {len(arrays)} sent")
+        return arrays[idx]
+    if isinstance(obj, list):
+        return [_resolve(x, arrays, depth + 1) for x in obj]
+    if isinstance(obj, dict):
+        return {k: _resolve(v, arrays, depth + 1) for k, v in obj.items()}
+    return obj
 
 
 class _Placeholder:

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import zmq
 
 from . import PROTOCOL_VERSION
+from . import shm
 from .codec import decode, encode
 from .errors import ProtocolError, RemoteError
 
@@ -29,13 +30,13 @@ Handler = Callable[[Any, "RequestContext"], Any]
 class RequestContext:
     """Handed to every handler so it can stream partial results of the running request."""
 
-    def __init__(self, sock: zmq.Socket, req_id: int, op: str):
-        self._sock, self.id, self.op = sock, req_id, op
+    def __init__(self, sock: zmq.Socket, req_id: int, op: str, ring: shm.RingWriter | None = None):
+        self._sock, self.id, self.op, self._ring = sock, req_id, op, ring
         self.partials = 0
 
     def partial(self, body: Any) -> None:
         """Send one partial reply now (e.g. one layer's output as soon as it exists)."""
-        self._sock.send_multipart(encode("partial", self.id, self.op, body), copy=False)
+        self._sock.send_multipart(encode("partial", self.id, self.op, body, shm=self._ring), copy=False)
         self.partials += 1
 
 
@@ -98,8 +99,9 @@ def serve(name: str, endpoint: str, handlers: dict[str, Handler], hello: dict[st
         sock.curve_secretkey = curve["secret"]
         sock.curve_serverkey = curve["server"]
     sock.connect(endpoint)
+    ring = shm.writer_from_env()  # local workers: large tensors go through shared memory
     info = dict(hello, protocol=PROTOCOL_VERSION, worker=name, pid=os.getpid(), host=platform.node(),
-                executable=sys.executable, python=sys.version.split()[0])
+                executable=sys.executable, python=sys.version.split()[0], shm_bytes=ring.size if ring else 0)
     sock.send_multipart(encode("hello", 0, "hello", info))
     counters = {"requests": 0, "malformed": 0}
     watch_parent(name, parent_pid)
@@ -119,14 +121,19 @@ def serve(name: str, endpoint: str, handlers: dict[str, Handler], hello: dict[st
                 continue
             counters["requests"] += 1
             try:
-                _dispatch(sock, name, handlers, msg, counters)
+                _dispatch(sock, name, handlers, msg, counters, ring)
             except _Shutdown:
                 return 0
     finally:
         sock.close(linger=2000)
+        if ring is not None:
+            ring.close()
 
 
-def _dispatch(sock: zmq.Socket, name: str, handlers: dict[str, Handler], msg: Any, counters: dict) -> None:
+def _dispatch(sock: zmq.Socket, name: str, handlers: dict[str, Handler], msg: Any, counters: dict,
+              ring: shm.RingWriter | None = None) -> None:
+    if ring is not None:
+        counters.update(shm_tensors=ring.tensors, shm_bytes=ring.bytes, shm_full=ring.full)
     if msg.op == "shutdown":
         sock.send_multipart(encode("reply", msg.id, msg.op, {"ok": True, **counters}))
         raise _Shutdown
@@ -139,10 +146,10 @@ def _dispatch(sock: zmq.Socket, name: str, handlers: dict[str, Handler], msg: An
                           "", name, msg.op)
         sock.send_multipart(encode("error", msg.id, msg.op, err.to_body()))
         return
-    rctx = RequestContext(sock, msg.id, msg.op)
+    rctx = RequestContext(sock, msg.id, msg.op, ring)
     try:
         result = handler(msg.body if msg.body is not None else {}, rctx)
-        frames = encode("reply", msg.id, msg.op, result)
+        frames = encode("reply", msg.id, msg.op, result, shm=ring)
     except Exception as exc:  # every handler failure crosses as text
         print(f"[{name}] op {msg.op} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         err = RemoteError.from_exception(exc, name, msg.op)

@@ -140,6 +140,19 @@ class FakeAdapter(Adapter):
             ctx._sock.send_multipart(encode("reply", ctx.id, "forward", reply))
         return reply
 
+    def op_tensors(self, body, ctx) -> dict:
+        """Deterministic float32 tensors of the asked sizes (transport tests): ``sizes`` in
+        elements; ``stream`` sends each as a partial first; ``fail_after`` raises after encoding."""
+        out = {}
+        for i, n in enumerate(body.get("sizes", [])):
+            a = (np.arange(int(n), dtype=np.float32) * 0.5 + i).astype(np.float32)
+            if body.get("stream"):
+                ctx.partial({"i": i, "t": a})
+            out[f"t{i}"] = a
+        if body.get("unencodable"):
+            out["bad"] = object()  # encode() fails after the arrays went into the ring
+        return out
+
     def op_sleep(self, body, ctx) -> dict:
         time.sleep(float(body.get("seconds", 0)))
         return {}

@@ -1,0 +1,173 @@
+"""The shared-memory fast path (protocol/shm.py): worker -> coordinator tensors as views of a
+memfd ring. Round trips, page hand-back, fallback to frames when the ring is full, and a
+coordinator that refuses every malformed region announcement (negative controls)."""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from protocol import codec, shm
+from protocol.errors import ProtocolError
+
+pytestmark = pytest.mark.skipif(not shm.available(), reason="needs Linux memfd")
+
+MIB = 1 << 20
+
+
+@pytest.fixture
+def ring():
+    reader = shm.RingReader(4 * MIB)
+    writer = shm.RingWriter(reader.fd, reader.size)  # same process, same file: what a worker sees
+    yield reader, writer
+    writer.close()
+    reader.close()
+
+
+def roundtrip(writer, reader, body, kind="reply"):
+    frames = codec.encode(kind, 7, "op", body, shm=writer)
+    return frames, codec.decode([bytes(f) for f in frames], shm=reader)
+
+
+def test_large_tensors_travel_as_views_of_the_ring_and_small_ones_as_frames(ring):
+    reader, writer = ring
+    big = np.arange(300_000, dtype=np.float32).reshape(300, 1000)
+    small = np.arange(10, dtype=np.float64)
+    frames, msg = roundtrip(writer, reader, {"big": big, "small": small, "n": 3})
+    assert len(frames) == 2  # header + the small tensor's frame; the big one is in the ring
+    np.testing.assert_array_equal(msg.body["big"], big)
+    np.testing.assert_array_equal(msg.body["small"], small)
+    assert msg.body["big"].dtype == np.float32 and msg.body["big"].shape == (300, 1000)
+    assert not msg.body["big"].flags.owndata  # a view: no copy on the coordinator
+    assert reader.tensors == 1 and reader.bytes == big.nbytes
+    assert msg.nbytes == big.nbytes + small.nbytes
+
+
+def test_pages_come_back_when_the_last_view_dies(ring):
+    reader, writer = ring
+    a = np.ones(MIB // 4, np.float32)
+    _, msg = roundtrip(writer, reader, {"a": a})
+    view = msg.body["a"][10:20].reshape(2, 5).T  # a view of a view keeps the pages
+    del msg
+    gc.collect()
+    assert reader.in_use_bytes() == MIB and int(writer.pagemap.sum()) == 16
+    _, msg2 = roundtrip(writer, reader, {"a": a * 2})
+    assert reader.in_use_bytes() == 2 * MIB  # placed after the live tensor, not over it
+    np.testing.assert_array_equal(view, np.ones((5, 2), np.float32))
+    del view, msg2
+    gc.collect()
+    assert reader.in_use_bytes() == 0 and int(writer.pagemap.sum()) == 0
+    _, msg3 = roundtrip(writer, reader, {"a": a})
+    assert reader.in_use_bytes() == MIB  # reused from the first page
+
+
+def test_a_full_ring_falls_back_to_frames_and_nothing_is_lost(ring):
+    reader, writer = ring
+    held = [roundtrip(writer, reader, {"a": np.full(MIB // 4, i, np.float32)})[1] for i in range(4)]
+    assert reader.in_use_bytes() == 4 * MIB
+    frames, msg = roundtrip(writer, reader, {"a": np.full(MIB // 4, 9, np.float32)})
+    assert len(frames) == 2 and writer.full == 1  # went as a frame
+    assert msg.body["a"].flags.owndata or msg.body["a"].base is not None
+    np.testing.assert_array_equal(msg.body["a"], np.full(MIB // 4, 9, np.float32))
+    for i, m in enumerate(held):  # the held ones were not overwritten
+        assert float(m.body["a"][0]) == i and float(m.body["a"][-1]) == i
+
+
+def test_a_message_that_fails_to_encode_hands_its_pages_back(ring):
+    reader, writer = ring
+    with pytest.raises(ProtocolError, match="cannot encode"):
+        codec.encode("reply", 1, "op", {"a": np.ones(MIB, np.uint8), "bad": object()}, shm=writer)
+    assert int(writer.pagemap.sum()) == 0
+
+
+
+
+@pytest.mark.parametrize("offset, nbytes, why", [
+    (12345, MIB, "not a page-aligned"),
+    (-shm.PAGE, MIB, "not a page-aligned"),
+    (4 * MIB - shm.PAGE, MIB, "outside"),
+    (0, MIB, "not marked in use"),
+    ("x", MIB, "not a page-aligned"),
+])
+def test_the_coordinator_refuses_bad_region_announcements(ring, offset, nbytes, why):
+    reader, _ = ring
+    import msgpack
+    body = msgpack.packb({"v": codec_version(), "kind": "reply", "id": 1, "op": "op",
+                          "body": {"a": msgpack.ExtType(codec.EXT_ARRAY, (0).to_bytes(4, "little"))}},
+                         use_bin_type=True)
+    head = msgpack.packb({"a": [["uint8", [nbytes], 0, offset]]}, use_bin_type=True) + body
+    with pytest.raises(ProtocolError, match=why):
+        codec.decode([head], shm=reader)
+    assert reader.in_use_bytes() == 0
+
+
+def test_overlapping_a_live_tensor_and_rings_on_ringless_connections_are_refused(ring):
+    reader, writer = ring
+    frames, msg = roundtrip(writer, reader, {"a": np.ones(MIB, np.uint8)})
+    again = [bytes(f) for f in frames]  # a replay of the same announcement while the first is alive
+    with pytest.raises(ProtocolError, match="overlaps a tensor still in use"):
+        codec.decode(again, shm=reader)
+    with pytest.raises(ProtocolError, match="no ring"):
+        codec.decode(again, shm=None)
+    np.testing.assert_array_equal(msg.body["a"], np.ones(MIB, np.uint8))
+
+
+def test_views_outlive_the_ring_being_closed():
+    reader = shm.RingReader(MIB)
+    writer = shm.RingWriter(reader.fd, reader.size)
+    _, msg = roundtrip(writer, reader, {"a": np.full(MIB // 8, 3.0)})
+    writer.close()
+    reader.close()  # the mapping stays while a view exists
+    assert float(msg.body["a"].sum()) == 3.0 * (MIB // 8)
+
+
+def test_bad_ring_size_setting_is_named(monkeypatch):
+    monkeypatch.setenv(shm.SIZE_ENV, "lots")
+    with pytest.raises(ProtocolError, match="LOCKSTEP_SHM_MIB"):
+        shm.configured_bytes()
+    monkeypatch.setenv(shm.SIZE_ENV, "0")
+    assert shm.configured_bytes() == 0
+
+
+def codec_version():
+    from protocol import PROTOCOL_VERSION
+    return PROTOCOL_VERSION
+
+
+@pytest.mark.parametrize("ring_mib", ["256", "0", "1"])
+@pytest.mark.timeout(60)
+def test_a_launched_worker_streams_through_the_ring(tmp_path, monkeypatch, ring_mib):
+    """Through a real worker process: partials and the reply arrive intact with the ring
+    (256 MiB), without it (0: frames only) and with a ring too small to hold them (1 MiB)."""
+    from conftest import FAKE
+    from coordinator.session import Session, WorkerSpec
+    monkeypatch.setenv(shm.SIZE_ENV, ring_mib)
+    sizes = [1 << 18, 3 << 18, 100, 1 << 20]  # 1 MiB, 3 MiB, tiny, 4 MiB of float32
+    got = {}
+    with Session(tmp_path / "run") as s:
+        s.launch(WorkerSpec("torch", [sys.executable, FAKE, "torch"], framework="torch"))
+        hello = s.wait_hello(timeout=30)["torch"]
+        reply = s.request("torch", "tensors", {"sizes": sizes, "stream": True},
+                          on_partial=lambda name, b: got.__setitem__(b["i"], b["t"]))
+        for i, n in enumerate(sizes):
+            want = (np.arange(n, dtype=np.float32) * 0.5 + i).astype(np.float32)
+            np.testing.assert_array_equal(reply[f"t{i}"], want)
+            np.testing.assert_array_equal(got[i], want)
+        with pytest.raises(Exception, match="cannot encode"):
+            s.request("torch", "tensors", {"sizes": [1 << 20], "unencodable": True})
+        stats = s.stats()["shm"]
+        del reply, got
+        gc.collect()
+        counters = s.request("torch", "ping", {})
+    if ring_mib == "0":
+        assert hello["shm_bytes"] == 0 and stats == {}
+    else:
+        assert hello["shm_bytes"] == int(ring_mib) * MIB
+        assert stats["torch"]["tensors"] >= (6 if ring_mib == "256" else 1)
+        assert counters["shm_tensors"] == stats["torch"]["tensors"]
+        if ring_mib == "1":
+            assert counters["shm_full"] >= 1
