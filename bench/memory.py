@@ -22,24 +22,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _runs import COORD, ROOT  # noqa: E402
 
 
-def vm_hwm_kib(pid: int) -> int | None:
+FIELDS = ("VmHWM", "RssAnon", "RssShmem")
+
+
+def status_kib(pid: int) -> dict[str, int]:
+    """VmHWM (peak RSS, all kinds), RssAnon (the process's private memory) and RssShmem (pages of
+    the workers' shared-memory rings it has mapped: the workers' memory as much as its own)."""
+    got: dict[str, int] = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
+            key = line.split(":", 1)[0]
+            if key in FIELDS:
+                got[key] = int(line.split()[1])
     except OSError:
-        return None
-    return None
+        pass
+    return got
 
 
-def run_measured(steps: str, out: Path, extra: list[str]) -> tuple[int, float, dict]:
-    """(peak RSS KiB of the coordinator process, wall seconds, summary)."""
+def run_measured(steps: str, out: Path, extra: list[str]) -> tuple[dict[str, int], float, dict]:
+    """(peak KiB per FIELDS of the coordinator process, wall seconds, summary)."""
     t0 = time.perf_counter()
     proc = subprocess.Popen([str(COORD), "run", "--steps", steps, "--out", str(out), *extra], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    peak = 0
+    peak = dict.fromkeys(FIELDS, 0)
     while proc.poll() is None:
-        peak = max(peak, vm_hwm_kib(proc.pid) or 0)
+        for k, v in status_kib(proc.pid).items():
+            peak[k] = max(peak[k], v)
         time.sleep(0.05)
     if proc.returncode not in (0, 1):
         raise SystemExit(f"coordinator run --steps {steps} exited {proc.returncode} (see {out})")
@@ -57,7 +65,9 @@ def main() -> None:
     print(f"{'step':<10} {'seconds':>8} message")
     for s in summary["steps"]:
         print(f"{s['name']:<10} {float(s['seconds']):8.2f} {str(s.get('message', ''))[:150]}")
-    print(f"{'coordinator peak RSS MiB':<26} {peak / 1024:8.1f}")
+    print(f"{'coordinator peak RSS MiB':<26} {peak['VmHWM'] / 1024:8.1f}")
+    print(f"{'  peak private (RssAnon)':<26} {peak['RssAnon'] / 1024:8.1f}")
+    print(f"{'  peak ring pages mapped':<26} {peak['RssShmem'] / 1024:8.1f}")
     for step in summary["steps"]:
         for phase, info in _phases(step):
             print(f"{phase + ' one side MiB':<26} {side_bytes(info) / (1 << 20):8.1f} "

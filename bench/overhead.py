@@ -1,21 +1,26 @@
 """Coordinator overhead: `coordinator run` forward + backward steps vs the frameworks alone.
 
-Lockstep: ``coordinator run --steps weights,forward,backward`` on MiniLM-L6 (BERT-base is too slow
-for this 2-core box); the forward + backward step seconds from summary.json (weights is run
-first so the forward step does not include the conversion). Frameworks alone: the baseline
-scripts (bench/baseline_scripts/) doing forward + 10 AdamW iterations in each env, no
-coordinator, no transport; their in-process compute seconds (after import and model load),
-torch + paddle (the workers take turns on this box, so the sum is the fair yardstick).
-Note the backward step does more than the plain loop: it returns and compares every gradient
-and parameter after every iteration.
+Lockstep: ``coordinator run --steps weights,forward,backward``; the forward + backward step
+seconds from summary.json (weights runs first so the forward step does not include the
+conversion). Frameworks alone: the baseline scripts (bench/baseline_scripts/) doing the same
+forward and the same AdamW iterations in each env, no coordinator, no transport; their
+in-process compute seconds (after import and model load), torch + paddle (the workers take
+turns on a small box, so the sum is the fair yardstick; with ``--schedule parallel`` the
+coordinator may even beat it).
 
-    .venv/bin/python bench/overhead.py [--reps 2]
-    .venv/bin/python bench/overhead.py --smoke     # forward only (CI)
+Default shape: BERT-base (12 layers, hidden 768, random weights: a checkpoint made once in
+the temp dir), batch 4 x 128, 3 iterations. The backward step compares the loss and lr at
+every iteration and every gradient and parameter at the first and last (``--param
+backward_tensors``, default ``ends``); ``--tensors all`` measures shipping them every time.
+
+    .venv/bin/python bench/overhead.py [--reps 2] [--model minilm] [--seq 64] [--iters 10]
+    .venv/bin/python bench/overhead.py --smoke     # MiniLM, forward only (CI)
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -36,25 +41,49 @@ def plain(out: Path, steps: list[str]) -> float:
     return sum(t[s] for s in steps) + sum(p[s] for s in steps)
 
 
+def bert_base_checkpoint() -> Path:
+    from layers_overhead import make_checkpoint
+    ckpt = Path(tempfile.gettempdir()) / "lockstep-bert-base-random-12"
+    make_checkpoint(ckpt, 12)
+    return ckpt
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--smoke", action="store_true", help="forward only, one rep (CI)")
+    ap.add_argument("--smoke", action="store_true", help="MiniLM, forward only, one rep (CI)")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--model", choices=["bert-base", "minilm"], default="bert-base")
+    ap.add_argument("--seq", type=int, default=None, help="fake batch 4 x SEQ (default 128; minilm 64)")
+    ap.add_argument("--iters", type=int, default=3, help="AdamW iterations")
+    ap.add_argument("--tensors", default="ends", help="--param backward_tensors for the coordinator")
+    ap.add_argument("--schedule", default="auto", choices=["auto", "alternate", "parallel"])
     args = ap.parse_args()
+    model = "minilm" if args.smoke else args.model
+    seq = args.seq or (64 if model == "minilm" else 128)
     steps = ["forward"] if args.smoke else ["forward", "backward"]
     reps = 1 if args.smoke else args.reps
+    env = {"LSB_SEQ": str(seq), "LSB_ITERS": str(args.iters), "LSB_PRESET": "minilm"}
+    extra = ["--iters", str(args.iters), "--param", f"fake_seq_len={seq}", "--param",
+             f"backward_tensors={args.tensors}", "--schedule", args.schedule]
+    if model == "bert-base":
+        ckpt = bert_base_checkpoint()
+        env.update(LSB_PRESET="bert", LSB_MODEL_PATH=str(ckpt))
+        extra += ["--torch-model", "bert", "--paddle-model", "bert", "--model-path", str(ckpt)]
+    os.environ.update(env)  # the baseline scripts read the shape from here
     alone, coord = [], []
     with tempfile.TemporaryDirectory(prefix="lsb-ov-") as d:
         for k in range(reps):
             alone.append(plain(Path(d) / f"p{k}", steps))
-            _, per_step = coordinator_run("weights," + ",".join(steps), Path(d) / f"c{k}")
+            _, per_step = coordinator_run("weights," + ",".join(steps), Path(d) / f"c{k}", extra)
             coord.append(sum(per_step[s] for s in steps))
             print("  coordinator: " + ", ".join(f"{s} {per_step[s]:.2f} s" for s in steps), flush=True)
-    print(f"steps: {','.join(steps)} (MiniLM-L6, batch 4 x 64); reps {reps}")
+    print(f"steps: {','.join(steps)} ({model}, batch 4 x {seq}, {args.iters} iterations, tensors {args.tensors}, "
+          f"schedule {args.schedule}); reps {reps}")
     print(f"{'what':<34} {'min s':>8} {'median s':>9}")
     print(f"{'frameworks alone (torch+paddle)':<34} {min(alone):8.2f} {statistics.median(alone):9.2f}")
     print(f"{'coordinator steps':<34} {min(coord):8.2f} {statistics.median(coord):9.2f}")
     print(f"{'overhead (min vs min)':<34} {min(coord) / min(alone) - 1:8.1%}")
+    print(f"{'overhead (median vs median)':<34} {statistics.median(coord) / statistics.median(alone) - 1:8.1%}")
 
 
 if __name__ == "__main__":

@@ -73,16 +73,37 @@ def _first_nonfinite(a: np.ndarray) -> tuple | None:
 STATS_CHUNK = 1 << 18  # elements per float64 pass: temporaries stay in cache (a 47 MB gradient: ~5x faster)
 
 
-def _diff_stats(a: np.ndarray, b: np.ndarray) -> tuple[int, float, float, float, float]:
-    """(flat index of the max, max, mean, min |a-b|, max relative) of two flat arrays, in float64.
+def _blocks(a: np.ndarray, b: np.ndarray):
+    """Yield (flat offset, a block, b block) covering both arrays in C order, ~STATS_CHUNK elements
+    each. Contiguous arrays are cut flat (views); others (a transposed view of a torch weight,
+    compared in paddle's layout without a full transposing copy) in runs of leading-axis rows."""
+    if a.ndim <= 1 or (a.flags.c_contiguous and b.flags.c_contiguous):
+        fa, fb = a.reshape(-1), b.reshape(-1)
+        for start in range(0, fa.size, STATS_CHUNK):
+            yield start, fa[start:start + STATS_CHUNK], fb[start:start + STATS_CHUNK]
+        return
+    per_row = a.size // a.shape[0]
+    step = max(1, STATS_CHUNK // max(per_row, 1))
+    for r0 in range(0, a.shape[0], step):
+        yield r0 * per_row, a[r0:r0 + step], b[r0:r0 + step]
 
-    Chunked so that a large gradient never allocates full-size float64 temporaries (page faults
-    and memory traffic dominated the backward step's comparisons, bench/RESULTS.md).
+
+def _diff_stats(a: np.ndarray, b: np.ndarray) -> tuple[int, float, float, float, float] | None:
+    """(flat index of the max, max, mean, min |a-b|, max relative) of two same-shape arrays, in
+    float64; None when they are bit-identical.
+
+    Blockwise, so that a large gradient never allocates full-size float64 temporaries (page faults
+    and memory traffic dominated the backward step's comparisons, bench/RESULTS.md) and a strided
+    view costs no full copy; identical blocks skip the float64 pass.
     """
-    worst, max_abs, total, min_abs, max_rel = 0, -1.0, 0.0, float("inf"), 0.0
-    for start in range(0, a.size, STATS_CHUNK):
-        a64 = a[start:start + STATS_CHUNK].astype(np.float64)
-        diff = np.abs(a64 - b[start:start + STATS_CHUNK].astype(np.float64))
+    worst, max_abs, total, min_abs, max_rel, identical = 0, -1.0, 0.0, float("inf"), 0.0, True
+    for start, ab, bb in _blocks(a, b):
+        if np.array_equal(ab, bb):
+            min_abs = 0.0
+            continue
+        identical = False
+        a64 = np.asarray(ab, dtype=np.float64).reshape(-1)
+        diff = np.abs(a64 - np.asarray(bb, dtype=np.float64).reshape(-1))
         i = int(np.argmax(diff))
         if diff[i] > max_abs:
             worst, max_abs = start + i, float(diff[i])
@@ -90,6 +111,8 @@ def _diff_stats(a: np.ndarray, b: np.ndarray) -> tuple[int, float, float, float,
         min_abs = min(min_abs, float(diff.min()))
         with np.errstate(divide="ignore", invalid="ignore"):
             max_rel = max(max_rel, float((diff / np.maximum(np.abs(a64), 1e-12)).max()))
+    if identical:
+        return None
     return worst, max_abs, total / a.size, min_abs, max_rel
 
 
@@ -115,13 +138,15 @@ def compare(name: str, ref: Any, got: Any, tol: Tolerance = Tolerance(), ref_sid
                               worst_index=pos, **base)
     if a.size == 0:
         return TensorDiff(passed=True, max_abs=0.0, mean_abs=0.0, min_abs=0.0, max_rel=0.0, value=0.0, **base)
-    if np.array_equal(a, b):  # fast path: bit-identical needs no float64 pass
+    stats = _diff_stats(a, b)
+    if stats is None:  # bit-identical: every block took the fast path
         return TensorDiff(passed=True, max_abs=0.0, mean_abs=0.0, min_abs=0.0, max_rel=0.0, value=0.0, **base)
-    flat_worst, max_abs, mean_abs, min_abs, max_rel = _diff_stats(a.reshape(-1), b.reshape(-1))
-    ref_v, got_v = float(a.reshape(-1)[flat_worst]), float(b.reshape(-1)[flat_worst])
+    flat_worst, max_abs, mean_abs, min_abs, max_rel = stats
+    pos = np.unravel_index(flat_worst, a.shape) if a.ndim else ()
+    ref_v, got_v = float(a[pos]), float(b[pos])
     value = {"mean": mean_abs, "max": max_abs, "min": min_abs}[tol.method]
     passed = bool(np.isfinite(value) and value <= tol.threshold)
-    worst = tuple(int(i) for i in np.unravel_index(flat_worst, a.shape)) if a.ndim else ()
+    worst = tuple(int(i) for i in pos)
     reason = "" if passed else (f"{tol.method} abs diff {value:.3e} > {tol.threshold:g} "
                                 f"(max {max_abs:.3e} at {list(worst)}: {ref_side} {ref_v:.6g} "
                                 f"vs {got_side} {got_v:.6g})")

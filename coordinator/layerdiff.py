@@ -345,7 +345,7 @@ class LiveDiff:
         if side == "torch":
             if self.weight_map is None or self.weight_map.ignored_source(name):
                 return
-            for pname, parr, _ops in self.weight_map.convert_one(name, arr):
+            for pname, parr, _ops in self.weight_map.convert_one(name, arr, views=True):  # compared/spilled only
                 self._arrive(("backward", "param_grad", f"param:{pname}"), side, parr, dict(ev, param=pname,
                                                                                              torch_param=name))
         else:

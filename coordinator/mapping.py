@@ -189,8 +189,12 @@ class WeightMap:
                 return m, hit[0], hit[1]
         return None
 
-    def convert_one(self, key: str, arr: np.ndarray) -> list[tuple[str, np.ndarray, list[str]]]:
+    def convert_one(self, key: str, arr: np.ndarray, views: bool = False) -> list[tuple[str, np.ndarray, list[str]]]:
         """Convert one source tensor; a split yields several (target, array, ops).
+
+        ``views=True``: transposes and splits return numpy views instead of contiguous copies
+        (for comparing: coordinator.compare walks strided arrays blockwise; a BERT-base
+        gradient set is 340 MB of transposed weights, ~1 s of copying per iteration).
 
         A key that is only one part of a [[merge]] has no paddle tensor of its own: use
         ``convert_tensors`` on a dict holding all parts.
@@ -199,9 +203,9 @@ class WeightMap:
         if part:
             raise MappingError([f"torch key {key!r} is part {part[2]!r} of merge #{part[0].index} into {part[1]!r}: "
                                 f"convert it together with the other parts (convert_tensors)"], self.origin)
-        return self._transform(key, np.asarray(arr))
+        return self._transform(key, np.asarray(arr), views)
 
-    def _transform(self, key: str, arr: np.ndarray) -> list[tuple[str, np.ndarray, list[str]]]:
+    def _transform(self, key: str, arr: np.ndarray, views: bool = False) -> list[tuple[str, np.ndarray, list[str]]]:
         out = [(self.target_name(key), arr, [])]
         for t in self.transforms:
             nxt = []
@@ -209,12 +213,13 @@ class WeightMap:
                 if not t.applies(key, a):
                     nxt.append((tkey, a, ops))
                 else:
-                    nxt.extend(self._apply(t, key, tkey, a, ops))
+                    nxt.extend(self._apply(t, key, tkey, a, ops, views))
             out = nxt
         return out
 
-    def _apply(self, t: Transform, key: str, tkey: str, a: np.ndarray, ops: list[str]
+    def _apply(self, t: Transform, key: str, tkey: str, a: np.ndarray, ops: list[str], views: bool = False
                ) -> list[tuple[str, np.ndarray, list[str]]]:
+        own = (lambda x: x) if views else np.ascontiguousarray
         where = f"transform #{t.index} ({t.op}) on torch {key!r} {tuple(a.shape)} -> paddle {tkey!r}"
         if t.op == "transpose":
             if a.ndim < 2 and not t.axes:
@@ -223,7 +228,7 @@ class WeightMap:
             axes = t.axes or list(range(a.ndim))[::-1]
             if sorted(axes) != list(range(a.ndim)):
                 raise MappingError([f"{where}: axes {list(axes)} do not fit a {a.ndim}-D tensor"], self.origin)
-            return [(tkey, np.ascontiguousarray(np.transpose(a, axes)), ops + [f"transpose{tuple(axes)}"])]
+            return [(tkey, own(np.transpose(a, axes)), ops + [f"transpose{tuple(axes)}"])]
         if t.op == "reshape":
             try:
                 return [(tkey, a.reshape(t.shape), ops + [f"reshape{tuple(t.shape)}"])]
@@ -234,7 +239,7 @@ class WeightMap:
             raise MappingError([f"{where}: cannot split axis {t.axis} into {len(t.targets)} equal parts"],
                                self.origin)
         parts = np.split(a, len(t.targets), axis=t.axis)
-        return [(re.sub(t.target_pattern, name, tkey), np.ascontiguousarray(part), ops + [f"split(axis={t.axis})"])
+        return [(re.sub(t.target_pattern, name, tkey), own(part), ops + [f"split(axis={t.axis})"])
                 for name, part in zip(t.targets, parts)]
 
     def _merged(self, source: dict[str, np.ndarray], problems: list[str]

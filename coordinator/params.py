@@ -24,6 +24,9 @@ DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.01,
     "adam_eps": 1e-6,
     "iters": 10,                # backward iterations
+    "fake_seq_len": 64,         # forward/loss/backward/layers on BERT presets: the fake batch is 4 x this
+    "backward_tensors": "ends",  # backward: iterations whose gradients + parameters are compared:
+                                 # ends (first and last) | all | a list like 0,3,9 (loss and lr: every one)
     "epochs": 1,                # train
     "train_lr": 5e-5,
     "train_max_steps": 0,       # train: stop each side after this many steps (0 = all epochs; for quick checks)

@@ -310,7 +310,10 @@ class Gatekeeper(ThreadAuthenticator):
         elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
             return  # counted with its address in _note_zap
         else:
-            what = "a client's handshake failed (no detail from libzmq)"
+            # libzmq reports this when the client hung up mid-greeting; a client started without
+            # CURVE keys does that under load instead of reaching the mechanism mismatch
+            what = ("a client's handshake failed with no detail from libzmq (usually a client connected "
+                    "without CURVE keys, or one that hung up mid-handshake)")
         self._count(what)
 
     def explain(self) -> str:

@@ -24,8 +24,11 @@ makes a view, and raises ProtocolError otherwise. The worker can still change th
 bytes of a tensor it has sent; that is no more than sending different bytes, and
 memory safety never depends on it. Remote workers (tcp) have no ring: frames only.
 
-``LOCKSTEP_SHM_MIB`` sets the ring size per worker (default 256; 0 turns the fast
-path off). When the ring is full the worker simply sends frames.
+``LOCKSTEP_SHM_MIB`` sets the ring size per worker (default 1024; 0 turns the fast
+path off). When the ring is full the worker simply sends frames. Pages are touched only
+when used, so a ring costs memory up to the most tensor bytes the coordinator held from
+that worker at once (BERT-base backward: every gradient and parameter, 836 MiB) -- the
+same peak those tensors would take as received frames, kept for the session.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ HEADER = 4096
 MAGIC = b"LSRING01"
 ENV = "LOCKSTEP_SHM"      # "<fd>:<data bytes>", set by the coordinator for the worker it launches
 SIZE_ENV = "LOCKSTEP_SHM_MIB"
-DEFAULT_MIB = 256
+DEFAULT_MIB = 1024
 
 
 def configured_bytes() -> int:

@@ -72,3 +72,15 @@ def test_perf_verdict_is_a_ratio_of_throughputs():
     assert verdict(10.0, 8.0, 0.5) == (True, 0.8, "torch")
     assert verdict(2.0, 8.0, 0.5) == (False, 0.25, "paddle")
     assert verdict(0.0, 8.0, 0.0)[0] is False
+
+
+def test_backward_tensor_iterations_setting():
+    from coordinator.errors import UsageError
+    from coordinator.steps.backward import tensor_iterations
+    assert tensor_iterations("ends", 10) == {0, 9}
+    assert tensor_iterations("ends", 1) == {0}
+    assert tensor_iterations("all", 3) == {0, 1, 2}
+    assert tensor_iterations("0, 4,9", 10) == {0, 4, 9}
+    for bad in ("10", "-1", "some", ""):
+        with pytest.raises(UsageError, match="backward_tensors"):
+            tensor_iterations(bad, 10)

@@ -13,12 +13,18 @@ from protocol.adapter import Adapter
 from protocol.codec import BFloat16
 
 
-def to_numpy(t: torch.Tensor) -> Any:
-    """An owned copy (replies go out zero-copy; the tensor may change later)."""
+def to_numpy(t: torch.Tensor, copy: bool = True) -> Any:
+    """An owned copy by default: a partial goes out while the op goes on changing tensors.
+
+    ``copy=False`` (a view of a CPU tensor) is for a *reply* only, and only of tensors nothing
+    changes before the handler returns: the worker runs nothing else until the coordinator
+    has the whole reply (it sends the next request after it), and a tensor that goes through
+    the shared-memory ring is copied there while the reply is encoded.
+    """
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:
         return BFloat16(t.view(torch.int16).numpy().view(np.uint16).copy())
-    return t.numpy().copy()
+    return t.numpy().copy() if copy else t.numpy()
 
 
 def from_numpy(a: Any, device: str = "cpu") -> torch.Tensor:

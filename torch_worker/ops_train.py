@@ -21,6 +21,23 @@ from .train_support import DropoutControl, build_optimizer, encode_batch, inject
 
 
 class TrainOps:
+    def op_weights_snapshot(self, body: dict, ctx: Any) -> dict:
+        """Keep a copy of every weight here, so training steps can be undone without the
+        coordinator sending the whole model back (BERT-base: 418 MiB per side)."""
+        model = self._need_model()
+        self._snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        return {"tensors": len(self._snapshot)}
+
+    def op_weights_restore(self, body: dict, ctx: Any) -> dict:
+        """Put the snapshot back (and drop it: it is a whole second model in memory)."""
+        snap = getattr(self, "_snapshot", None)
+        if snap is None:
+            raise RuntimeError("no weight snapshot to restore: send weights_snapshot first")
+        model = self._need_model()
+        model.load_state_dict(snap)
+        self._snapshot = None
+        return {"tensors": len(snap)}
+
     def op_train_setup(self, body: dict, ctx: Any) -> dict:
         """Fresh AdamW (the guide's recipe) and dropout mode; resets the dropout step counter."""
         model = self._need_model()
@@ -58,12 +75,16 @@ class TrainOps:
         want = set(body.get("want", ["grads", "params"]))
         out: dict[str, Any] = {"loss": to_numpy(loss), "lr": float(st["opt"].param_groups[0]["lr"]),
                                "dropout_calls": st["dropout"].log.take()}
+        # Views, not copies (to_numpy's reply rule): the step reads the gradients and never
+        # writes them, zero_grad(set_to_none) drops them instead of zeroing, and nothing
+        # touches the parameters between the step and the reply.
         if "grads" in want:
-            out["grads"] = {n: to_numpy(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+            out["grads"] = {n: to_numpy(p.grad, copy=False) for n, p in model.named_parameters()
+                            if p.grad is not None}
         st["opt"].step()
         st["opt"].zero_grad(set_to_none=True)
         if "params" in want:
-            out["params"] = {n: to_numpy(p) for n, p in model.named_parameters()}
+            out["params"] = {n: to_numpy(p, copy=False) for n, p in model.named_parameters()}
         model.eval()
         return out
 

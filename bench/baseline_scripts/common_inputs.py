@@ -10,13 +10,25 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)  # torch_worker / paddle_worker model builders (no transport used)
 
-LR, WD, EPS, WARMUP, TOTAL, ITERS = 3e-5, 0.01, 1e-6, 345, 1024, 10
+LR, WD, EPS, WARMUP, TOTAL = 3e-5, 0.01, 1e-6, 345, 1024
+# The model and batch shape, from the environment so bench/overhead.py can run the BERT-base shape:
+ITERS = int(os.environ.get("LSB_ITERS", "10"))      # backward iterations
+SEQ = int(os.environ.get("LSB_SEQ", "64"))          # fake batch: 4 x SEQ token ids
+PRESET = os.environ.get("LSB_PRESET", "minilm")     # minilm (real weights) | bert (LSB_MODEL_PATH checkpoint)
+MODEL_PATH = os.environ.get("LSB_MODEL_PATH")
+
+
+def load_body() -> dict:
+    body = {"preset": PRESET, "seed": 0, "num_labels": 2}
+    if MODEL_PATH:
+        body["path"] = MODEL_PATH
+    return body
 
 
 def batch(vocab: int) -> tuple[dict, np.ndarray]:
-    """The guide's fake data: a seeded batch of 4 x 64 token ids and 0/1 labels."""
+    """The guide's fake data: a seeded batch of 4 x SEQ token ids and 0/1 labels."""
     rng = np.random.RandomState(1)
-    ids = rng.randint(1, vocab, (4, 64)).astype(np.int64)
+    ids = rng.randint(1, vocab, (4, SEQ)).astype(np.int64)
     labels = np.random.RandomState(2).randint(0, 2, (4,)).astype(np.int64)
     return {"input_ids": ids, "token_type_ids": np.zeros_like(ids), "attention_mask": np.ones_like(ids)}, labels
 

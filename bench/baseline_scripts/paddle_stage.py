@@ -7,7 +7,7 @@ Needs OUTDIR/paddle_weights.npz (convert.py) for every stage but ``weights`` / `
 import json
 import os
 
-from common_inputs import EPS, ITERS, LR, TOTAL, WARMUP, WD, args, batch, no_decay, now, report
+from common_inputs import EPS, ITERS, LR, TOTAL, WARMUP, WD, args, batch, load_body, no_decay, now, report
 
 t0 = now()
 import numpy as np  # noqa: E402
@@ -19,7 +19,7 @@ paddle.set_device("cpu")
 # threads: OMP_NUM_THREADS from the caller (bench/_runs.py sets it as the launcher does for workers)
 t1 = now()
 config = json.load(open(os.path.join(out, "config.json")))
-model, info = load({"preset": "minilm", "seed": 0, "num_labels": 2, "config": config})
+model, info = load({**load_body(), "config": config})
 with np.load(os.path.join(out, "paddle_weights.npz")) as z:  # no pickle: plain arrays only
     model.set_state_dict({k: z[k] for k in z.files})
 model.eval()

@@ -6,7 +6,7 @@ Each stage writes .npy files into OUTDIR; a JSON line with per-stage seconds goe
 import json
 import os
 
-from common_inputs import EPS, ITERS, LR, TOTAL, WARMUP, WD, args, batch, no_decay, now, report
+from common_inputs import EPS, ITERS, LR, TOTAL, WARMUP, WD, args, batch, load_body, no_decay, now, report
 
 t0 = now()
 import numpy as np  # noqa: E402
@@ -16,7 +16,7 @@ from torch_worker.models import forward, load  # noqa: E402
 stages, out, threads = args()
 torch.set_num_threads(threads)
 t1 = now()
-model, info = load({"preset": "minilm", "seed": 0, "num_labels": 2}, "cpu")
+model, info = load(load_body(), "cpu")
 model.eval()  # dropout off, as the coordinator's default
 inputs, labels = batch(int(info["config"]["vocab_size"]))
 tin = {k: torch.from_numpy(v) for k, v in inputs.items()}

@@ -44,6 +44,8 @@ def setup_both(rc: RunContext, lr: float, dropout: str) -> tuple[dict, dict, Ten
     paddle's and names every parameter whose weight decay differs.
     """
     body = {"optim": optim_config(rc, lr), "dropout": dropout, "seed": rc.opts.seed}
+    rc.both("weights_snapshot", {})   # each worker keeps its pristine weights for restore_weights
+    rc.cache["weights_snapshot"] = True
     t, p = rc.both("train_setup", body)
     t_decay = {rc.weight_map.target_name(n) for n in t["decay"]}
     p_decay = set(p["decay"])
@@ -66,7 +68,7 @@ def to_paddle_names(rc: RunContext, tensors: dict[str, Any]) -> dict[str, np.nda
     for key, arr in tensors.items():
         if rc.weight_map.ignored_source(key):
             continue
-        for tkey, tarr, _ops in rc.weight_map.convert_one(key, arr):
+        for tkey, tarr, _ops in rc.weight_map.convert_one(key, arr, views=True):  # compared, never sent
             out[tkey] = tarr
     return out
 
@@ -123,7 +125,11 @@ def compare_dropout_calls(t_calls: list[dict], p_calls: list[dict], mode: str) -
 
 
 def restore_weights(rc: RunContext) -> None:
-    """Put the pristine (pre-training) weights back on both sides for the steps that follow."""
+    """Put the pristine (pre-training) weights back on both sides for the steps that follow:
+    from each worker's own snapshot (setup_both took it), else by sending them again."""
+    if rc.cache.pop("weights_snapshot", False):
+        rc.both("weights_restore", {})
+        return
     if "torch_weights" in rc.cache and "converted" in rc.cache:
         rc.session.request("torch", "set_weights", rc.cache["torch_weights"])
         rc.session.request("paddle", "set_weights", rc.cache["converted"])

@@ -1,10 +1,13 @@
 """Step ``backward``: N AdamW iterations from identical weights on the same batch.
 
-Per iteration both workers return the loss, the lr, every gradient (read before the
-update) and every parameter after the update; torch's are mapped to paddle names and
-layout, compared, and dropped (one request per iteration, so memory stays at one
-iteration's tensors). The guide compares only the loss; a wrong optimizer setting
-(eps, weight-decay groups) shows up in the parameters at the first iteration.
+Per iteration both workers return the loss and the lr; at the iterations chosen by
+``--param backward_tensors`` (default ``ends``: the first and the last) also every
+gradient (read before the update) and every parameter after the update; torch's are
+mapped to paddle names and layout, compared, and dropped (one request per iteration,
+so memory stays at one iteration's tensors). The guide compares only the loss; a wrong
+optimizer setting (eps, weight-decay groups) shows up in the parameters at the first
+iteration, slow drift in the last one's. ``backward_tensors=all`` ships every tensor at
+every iteration (2 x 87 MiB per side per iteration for MiniLM: the step's main cost).
 
 Tolerances (absolute, measured on MiniLM-L6 CPU float32, see docs/training.md):
 ``--tolerance backward.loss=max:1e-5``, ``backward.grad=max:1e-5``,
@@ -19,6 +22,7 @@ import json
 import numpy as np
 
 from ..compare import Tolerance, compare
+from ..errors import UsageError
 from ..runner import RunContext, StepResult
 from ._training import (DROPOUT_NOTE, compare_dropout_calls, compare_named, dropout_mode, restore_weights,
                         setup_both, to_paddle_names)
@@ -45,6 +49,23 @@ def batch(rc: RunContext) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return inputs, labels
 
 
+def tensor_iterations(spec: object, iters: int) -> set[int]:
+    """Which iterations compare gradients and parameters (``--param backward_tensors``)."""
+    text = str(spec).strip().lower()
+    if text == "all":
+        return set(range(iters))
+    if text == "ends":
+        return {0, iters - 1} if iters else set()
+    try:
+        chosen = {int(x) for x in text.split(",") if x.strip()}
+    except ValueError:
+        chosen = None
+    if not chosen or any(i < 0 or i >= iters for i in chosen):
+        raise UsageError(f"--param backward_tensors={spec!r}: expected ends, all, or iteration numbers "
+                         f"0..{iters - 1} separated by commas")
+    return chosen
+
+
 def run(rc: RunContext) -> StepResult:
     ensure_converted(rc)
     try:
@@ -55,37 +76,47 @@ def run(rc: RunContext) -> StepResult:
 
 def _run(rc: RunContext) -> StepResult:
     iters, mode, tols = int(rc.param("iters")), dropout_mode(rc), tolerances(rc)
+    checked = tensor_iterations(rc.param("backward_tensors"), iters)
     t_setup, p_setup, decay_check = setup_both(rc, float(rc.param("lr")), mode)
     inputs, labels = batch(rc)
     rc.say(f"  {iters} AdamW iterations (lr {rc.param('lr')}, wd {rc.param('weight_decay')}, "
-           f"eps torch {t_setup['eps']:g} / paddle {p_setup['eps']:g}), batch {tuple(labels.shape)}, dropout {mode}")
+           f"eps torch {t_setup['eps']:g} / paddle {p_setup['eps']:g}), batch {tuple(labels.shape)}, dropout {mode}; "
+           f"gradients and parameters compared at iteration(s) {', '.join(map(str, sorted(checked))) or 'none'}")
     diffs, rows, t_npy, p_npy = [decay_check], [], {}, {}
+    last_grad_d = None
     first_fail, dropout_problem = None, ""
     per_param = open(rc.out / "backward_params.jsonl", "w")
     try:
         for it in range(iters):
-            t, p = rc.both("train_step", {"inputs": inputs, "labels": labels, "want": ["grads", "params"]})
+            want = ["grads", "params"] if it in checked else []
+            t, p = rc.both("train_step", {"inputs": inputs, "labels": labels, "want": want})
             loss_d = compare(f"loss_{it}", np.float32(t["loss"]), np.float32(p["loss"]), tols["loss"])
             lr_d = compare(f"lr_{it}", np.float64(t["lr"]), np.float64(p["lr"]), tols["lr"])
-            grad_d, grads = compare_named("grad", it, to_paddle_names(rc, t.pop("grads")), p.pop("grads"), tols["grad"])
-            par_d, params = compare_named("param", it, to_paddle_names(rc, t.pop("params")), p.pop("params"),
-                                          tols["param"])
-            for kind, per in (("grad", grads), ("param", params)):
-                for d in per:
-                    per_param.write(json.dumps({"iter": it, "kind": kind, "param": d.name, "max_abs": _f(d.max_abs),
-                                                "mean_abs": _f(d.mean_abs), "passed": d.passed}) + "\n")
+            grad_d = par_d = None
+            if want:
+                grad_d, grads = compare_named("grad", it, to_paddle_names(rc, t.pop("grads")), p.pop("grads"),
+                                              tols["grad"])
+                par_d, params = compare_named("param", it, to_paddle_names(rc, t.pop("params")), p.pop("params"),
+                                              tols["param"])
+                for kind, per in (("grad", grads), ("param", params)):
+                    for d in per:
+                        per_param.write(json.dumps({"iter": it, "kind": kind, "param": d.name,
+                                                    "max_abs": _f(d.max_abs), "mean_abs": _f(d.mean_abs),
+                                                    "passed": d.passed}) + "\n")
+                last_grad_d = grad_d
             problem = compare_dropout_calls(t["dropout_calls"], p["dropout_calls"], mode)
             dropout_problem = dropout_problem or (f"iteration {it}: {problem}" if problem else "")
-            diffs += [loss_d, lr_d, grad_d, par_d]
+            diffs += [d for d in (loss_d, lr_d, grad_d, par_d) if d is not None]
             t_npy[f"loss_{it}"], p_npy[f"loss_{it}"] = np.float32(t["loss"]), np.float32(p["loss"])
             t_npy[f"lr_{it}"], p_npy[f"lr_{it}"] = np.float64(t["lr"]), np.float64(p["lr"])
             row = _row(it, t, p, loss_d, grad_d, par_d)
             rows.append(row)
+            tensors = (f"  grad max {row['grad_max']:.1e} [{row['grad_worst']}]  param max {row['param_max']:.1e}"
+                       f" [{row['param_worst']}]") if want else ""
             rc.say(f"  iter {it}: loss {row['loss_torch']:.7f} vs {row['loss_paddle']:.7f} (diff {row['loss_diff']:.1e})"
-                   f"  grad max {row['grad_max']:.1e} [{row['grad_worst']}]  param max {row['param_max']:.1e}"
-                   f" [{row['param_worst']}]" + ("" if row["passed"] else "  FAIL"))
+                   + tensors + ("" if row["passed"] else "  FAIL"))
             if first_fail is None:
-                bad = next((d for d in (loss_d, lr_d, grad_d, par_d) if not d.passed), None)
+                bad = next((d for d in (loss_d, lr_d, grad_d, par_d) if d is not None and not d.passed), None)
                 if bad is not None:
                     first_fail = f"iteration {it} ({bad.name}): {bad.reason}"
     finally:
@@ -95,7 +126,7 @@ def _run(rc: RunContext) -> StepResult:
                "optimizer": {"torch": _opt(t_setup), "paddle": _opt(p_setup)},
                "tolerances": {k: v.describe() for k, v in tols.items()},
                "batch": {k: list(v.shape) for k, v in inputs.items()},
-               "first_failure": first_fail}
+               "first_failure": first_fail, "tensor_iterations": sorted(checked)}
     extra = ""
     if not decay_check.passed:
         extra = decay_check.reason + (f"; first divergence: {first_fail}" if first_fail else "")
@@ -106,9 +137,14 @@ def _run(rc: RunContext) -> StepResult:
     rc.say(f"  {DROPOUT_NOTE[mode]}")
     res = finish(rc, "backward", t_npy, p_npy, diffs, tols["param"], details, extra_fail=extra)
     if res.passed:
-        res.message = (f"{iters} iterations: loss, lr, {grad_d.extra['of']} gradients and parameters within "
-                       f"tolerance (worst grad {max(r['grad_max'] for r in rows):.1e}, worst param "
-                       f"{max(r['param_max'] for r in rows):.1e}); dropout {mode}") if iters else "no iterations"
+        gmax = max((r["grad_max"] for r in rows if r["grad_max"] is not None), default=0.0)
+        pmax = max((r["param_max"] for r in rows if r["param_max"] is not None), default=0.0)
+        at = ", ".join(map(str, sorted(checked)))
+        res.message = (f"{iters} iterations: loss and lr within tolerance at every one; "
+                       f"{last_grad_d.extra['of']} gradients and parameters at iteration(s) {at} "
+                       f"(worst grad {gmax:.1e}, worst param {pmax:.1e}); dropout {mode}"
+                       ) if iters and last_grad_d is not None else (
+                       f"{iters} iterations: loss and lr within tolerance" if iters else "no iterations")
     return res
 
 
@@ -122,11 +158,17 @@ def _opt(info: dict) -> dict:
 
 
 def _row(it: int, t: dict, p: dict, loss_d, grad_d, par_d) -> dict:
-    return {"iter": it, "loss_torch": float(t["loss"]), "loss_paddle": float(p["loss"]),
-            "loss_diff": abs(float(t["loss"]) - float(p["loss"])), "lr_torch": t["lr"], "lr_paddle": p["lr"],
-            "grad_max": grad_d.extra["worst_max_abs"] or 0.0, "grad_worst": grad_d.extra["worst_param"],
-            "param_max": par_d.extra["worst_max_abs"] or 0.0, "param_worst": par_d.extra["worst_param"],
-            "grad_failing": grad_d.extra["failing"], "param_failing": par_d.extra["failing"],
-            "first_failing_grad": grad_d.extra["param"] if not grad_d.passed else None,
-            "first_failing_param": par_d.extra["param"] if not par_d.passed else None,
-            "passed": loss_d.passed and grad_d.passed and par_d.passed}
+    """One iteration's line; gradient/parameter fields are None where they were not compared."""
+    row = {"iter": it, "loss_torch": float(t["loss"]), "loss_paddle": float(p["loss"]),
+           "loss_diff": abs(float(t["loss"]) - float(p["loss"])), "lr_torch": t["lr"], "lr_paddle": p["lr"],
+           "grad_max": None, "grad_worst": None, "param_max": None, "param_worst": None,
+           "grad_failing": None, "param_failing": None, "first_failing_grad": None, "first_failing_param": None,
+           "passed": loss_d.passed}
+    if grad_d is not None:
+        row.update(grad_max=grad_d.extra["worst_max_abs"] or 0.0, grad_worst=grad_d.extra["worst_param"],
+                   param_max=par_d.extra["worst_max_abs"] or 0.0, param_worst=par_d.extra["worst_param"],
+                   grad_failing=grad_d.extra["failing"], param_failing=par_d.extra["failing"],
+                   first_failing_grad=grad_d.extra["param"] if not grad_d.passed else None,
+                   first_failing_param=par_d.extra["param"] if not par_d.passed else None,
+                   passed=loss_d.passed and grad_d.passed and par_d.passed)
+    return row

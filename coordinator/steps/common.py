@@ -61,7 +61,7 @@ def gen_inputs(rc: RunContext, seed_offset: int = 0) -> dict[str, np.ndarray]:
                          f"[{{'name': 'x', 'shape': [2, 3], 'dtype': 'float32'}}]}} (docs/own-model.md)")
     rng = np.random.RandomState(rc.opts.seed + seed_offset)
     out = {}
-    for spec in specs or default_bert_inputs(tinfo):
+    for spec in specs or default_bert_inputs(tinfo, int(rc.param("fake_seq_len"))):
         shape, dtype = tuple(spec.get("shape", ())), np.dtype(spec.get("dtype", "float32"))
         if spec.get("value") is not None:  # example arrays from a factory: sent as they are
             out[spec["name"]] = np.ascontiguousarray(spec["value"])
@@ -74,11 +74,15 @@ def gen_inputs(rc: RunContext, seed_offset: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
-def default_bert_inputs(tinfo: dict) -> list[dict]:
+def default_bert_inputs(tinfo: dict, seq: int = 64) -> list[dict]:
+    """The guide's fake batch for BERT-like presets: 4 x ``seq`` (``--param fake_seq_len``)."""
     vocab = int(tinfo.get("config", {}).get("vocab_size", 30522))
-    return [{"name": "input_ids", "shape": [4, 64], "dtype": "int64", "low": 1, "high": vocab},
-            {"name": "token_type_ids", "shape": [4, 64], "dtype": "int64", "fill": 0},
-            {"name": "attention_mask", "shape": [4, 64], "dtype": "int64", "fill": 1}]
+    limit = int(tinfo.get("config", {}).get("max_position_embeddings", 512))
+    if not 1 <= seq <= limit:
+        raise UsageError(f"--param fake_seq_len={seq}: must be 1..{limit} (the model's max_position_embeddings)")
+    return [{"name": "input_ids", "shape": [4, seq], "dtype": "int64", "low": 1, "high": vocab},
+            {"name": "token_type_ids", "shape": [4, seq], "dtype": "int64", "fill": 0},
+            {"name": "attention_mask", "shape": [4, seq], "dtype": "int64", "fill": 1}]
 
 
 def diff_dicts(torch_d: dict[str, Any], paddle_d: dict[str, Any], tol: Tolerance) -> list[TensorDiff]:
