@@ -25,6 +25,7 @@ from .codec import decode, encode
 from .errors import ProtocolError, RemoteError
 
 Handler = Callable[[Any, "RequestContext"], Any]
+PROFILE = bool(os.environ.get("LOCKSTEP_PROFILE"))  # per-op handler/encode seconds in the worker log
 
 
 class RequestContext:
@@ -147,9 +148,14 @@ def _dispatch(sock: zmq.Socket, name: str, handlers: dict[str, Handler], msg: An
         sock.send_multipart(encode("error", msg.id, msg.op, err.to_body()))
         return
     rctx = RequestContext(sock, msg.id, msg.op, ring)
+    t0 = time.perf_counter()
     try:
         result = handler(msg.body if msg.body is not None else {}, rctx)
+        t1 = time.perf_counter()
         frames = encode("reply", msg.id, msg.op, result, shm=ring)
+        if PROFILE:
+            print(f"[{name}] op {msg.op}: handler {t1 - t0:.3f} s, encode {time.perf_counter() - t1:.3f} s, "
+                  f"{rctx.partials} partials, {len(frames) - 1} frames", file=sys.stderr, flush=True)
     except Exception as exc:  # every handler failure crosses as text
         print(f"[{name}] op {msg.op} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         err = RemoteError.from_exception(exc, name, msg.op)
