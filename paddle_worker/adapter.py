@@ -13,12 +13,23 @@ from protocol.adapter import Adapter
 from protocol.codec import BFloat16
 
 
-def to_numpy(t: Any) -> Any:
-    """An owned copy: paddle's ``Tensor.numpy()`` already copies (checked on CPU with paddle 3.3.1:
-    neither ``set_value``, an in-place ``add_`` nor an AdamW step on the tensor shows in an array
-    taken before; its base is a temporary tensor, not the original), so no second copy."""
+def to_numpy(t: Any, copy: bool = True) -> Any:
+    """An owned copy by default: paddle's ``Tensor.numpy()`` already copies (checked on CPU with
+    paddle 3.3.1: neither ``set_value``, an in-place ``add_`` nor an AdamW step on the tensor
+    shows in an array taken before; its base is a temporary tensor), so no second copy.
+
+    ``copy=False``: a zero-copy view of a CPU tensor through DLPack, under the same rule as the
+    torch worker's (a reply of tensors nothing changes before the handler returns, or a tensor
+    handed straight to ``ctx.partial``); anything DLPack refuses falls back to the copy.
+    """
     if t.dtype == paddle.bfloat16:
         return BFloat16(np.array(t.view(paddle.uint16).numpy() if hasattr(t, "view") else t.numpy(), copy=True))
+    if not copy:
+        try:
+            if t.place.is_cpu_place():
+                return np.from_dlpack(t.detach())
+        except (AttributeError, BufferError, RuntimeError, TypeError, ValueError):
+            pass
     return t.numpy()
 
 

@@ -75,12 +75,16 @@ class TrainOps:
         want = set(body.get("want", ["grads", "params"]))
         out: dict[str, Any] = {"loss": to_numpy(loss).reshape(()), "lr": float(st["opt"].get_lr()),
                                "dropout_calls": st["dropout"].log.take()}
+        # Views, not copies (to_numpy's reply rule): the step reads the gradients and never
+        # writes them, clear_grad(set_to_zero=False) drops them instead of zeroing them in
+        # place, and nothing touches the parameters between the step and the reply.
         if "grads" in want:
-            out["grads"] = {n: to_numpy(p.grad) for n, p in model.named_parameters() if p.grad is not None}
+            out["grads"] = {n: to_numpy(p.grad, copy=False) for n, p in model.named_parameters()
+                            if p.grad is not None}
         st["opt"].step()
-        st["opt"].clear_grad()
+        st["opt"].clear_grad(set_to_zero=False)
         if "params" in want:
-            out["params"] = {n: to_numpy(p) for n, p in model.named_parameters() if not p.stop_gradient}
+            out["params"] = {n: to_numpy(p, copy=False) for n, p in model.named_parameters() if not p.stop_gradient}
         model.eval()
         return out
 

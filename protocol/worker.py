@@ -36,8 +36,14 @@ class RequestContext:
         self.partials = 0
 
     def partial(self, body: Any) -> None:
-        """Send one partial reply now (e.g. one layer's output as soon as it exists)."""
-        self._sock.send_multipart(encode("partial", self.id, self.op, body, shm=self._ring), copy=False)
+        """Send one partial reply now (e.g. one layer's output as soon as it exists).
+
+        Snapshots every tensor before returning, so ``body`` may hold views of live framework
+        tensors that the op goes on to change: large ones are copied into the shared-memory
+        ring while encoding, the rest into ZeroMQ's own buffers (``copy=True``). That one copy
+        is the whole cost; callers need no copy of their own.
+        """
+        self._sock.send_multipart(encode("partial", self.id, self.op, body, shm=self._ring), copy=True)
         self.partials += 1
 
 

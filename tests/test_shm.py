@@ -171,3 +171,19 @@ def test_a_launched_worker_streams_through_the_ring(tmp_path, monkeypatch, ring_
         assert counters["shm_tensors"] == stats["torch"]["tensors"]
         if ring_mib == "1":
             assert counters["shm_full"] >= 1
+
+
+@pytest.mark.timeout(120)
+def test_fake_run_reports_ring_traffic_and_a_bad_ring_size_is_a_usage_error(tmp_path):
+    from conftest import ROOT, coordinator, fake_env, load_summary
+    base = ["run", "--steps", "weights,forward", "--mapping", str(ROOT / "tests/data/fake_mlp.toml")]
+    env = fake_env()
+    env[shm.SIZE_ENV] = "lots"
+    bad = coordinator(base + ["--out", str(tmp_path / "bad")], env=env)
+    assert bad.returncode == 2 and "LOCKSTEP_SHM_MIB" in bad.stdout + bad.stderr, bad.stdout + bad.stderr
+    env[shm.SIZE_ENV] = "64"
+    ok = coordinator(base + ["--out", str(tmp_path / "ok")], env=env)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    rings = load_summary(tmp_path / "ok")["protocol"]["shm"]
+    assert set(rings) == {"torch", "paddle"}  # both local workers got one (the fake MLP's tensors are tiny:
+    assert all(r["tensors"] == 0 for r in rings.values())  # all under 64 KiB, so none used it)

@@ -14,12 +14,12 @@ from protocol.codec import BFloat16
 
 
 def to_numpy(t: torch.Tensor, copy: bool = True) -> Any:
-    """An owned copy by default: a partial goes out while the op goes on changing tensors.
+    """An owned copy by default.
 
-    ``copy=False`` (a view of a CPU tensor) is for a *reply* only, and only of tensors nothing
-    changes before the handler returns: the worker runs nothing else until the coordinator
-    has the whole reply (it sends the next request after it), and a tensor that goes through
-    the shared-memory ring is copied there while the reply is encoded.
+    ``copy=False`` (a view of a CPU tensor) is safe in two places: a tensor handed straight to
+    ``ctx.partial`` (which snapshots it before returning), and a *reply* of tensors nothing
+    changes before the handler returns (the worker runs nothing else until the coordinator has
+    the whole reply: it sends the next request only after it).
     """
     t = t.detach().cpu()
     if t.dtype == torch.bfloat16:

@@ -139,7 +139,7 @@ class _Capture:
                 if sent:
                     ev["ref"] = sent
                 else:
-                    ev["tensor"] = to_numpy(x)
+                    ev["tensor"] = to_numpy(x, copy=False)  # send() = ctx.partial: snapshots
                     ev["made_by"] = made_by
             self.send(ev)
             self.seconds += time.perf_counter() - t0
@@ -163,7 +163,7 @@ class _Capture:
                 if same:
                     ev["same_as"] = same        # the coordinator has these bytes already
                 else:
-                    ev["tensor"] = to_numpy(y)
+                    ev["tensor"] = to_numpy(y, copy=False)
                 if self.backward and y.requires_grad:
                     self.handles.append(y.register_hook(self._grad(name)))
             self.send(ev)
@@ -173,7 +173,7 @@ class _Capture:
     def _grad(self, name: str) -> Callable:
         def hook(g: torch.Tensor) -> None:
             t0 = time.perf_counter()
-            self.send({"ev": "grad", "module": name, "seq": self._next(), "tensor": to_numpy(g)})
+            self.send({"ev": "grad", "module": name, "seq": self._next(), "tensor": to_numpy(g, copy=False)})
             self.seconds += time.perf_counter() - t0
         return hook
 
@@ -186,7 +186,7 @@ class _Capture:
     def _param_grad(self, pname: str) -> Callable:
         def hook(g: torch.Tensor) -> None:
             t0 = time.perf_counter()
-            self.send({"ev": "param_grad", "param": pname, "seq": self._next(), "tensor": to_numpy(g)})
+            self.send({"ev": "param_grad", "param": pname, "seq": self._next(), "tensor": to_numpy(g, copy=False)})
             self.seconds += time.perf_counter() - t0
         return hook
 
