@@ -37,3 +37,24 @@ def test_close_tensors_pass() -> None:
     a = np.linspace(-1, 1, C.STATS_CHUNK + 10, dtype=np.float32)
     d = C.compare("t", a, a + np.float32(1e-7), C.Tolerance(1e-5, "max"))
     assert d.passed and 0 < d.max_abs < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(3072, 768), (7, 5, C.STATS_CHUNK // 3 + 1), (1, 2 * C.STATS_CHUNK + 1)])
+def test_strided_views_give_the_same_numbers_as_contiguous_copies(shape) -> None:
+    """Torch weights are compared in paddle's layout as transposed views (no copy): same verdict,
+    statistics and worst index as comparing a contiguous transposed copy."""
+    rng = np.random.RandomState(1)
+    torch_w = rng.standard_normal(shape).astype(np.float32)
+    view = np.transpose(torch_w)                    # what mapping.convert_one(views=True) returns
+    paddle_w = np.ascontiguousarray(view) + rng.standard_normal(view.shape).astype(np.float32) * np.float32(1e-7)
+    where = tuple(s - 2 if s > 1 else 0 for s in view.shape)
+    paddle_w[where] += np.float32(0.25)             # the planted break must be found at its index
+    strided = C.compare("w", view, paddle_w, C.Tolerance(1e-5, "max"))
+    copied = C.compare("w", np.ascontiguousarray(view), paddle_w, C.Tolerance(1e-5, "max"))
+    assert not view.flags.c_contiguous or min(shape) == 1
+    assert not strided.passed and strided.worst_index == copied.worst_index == where
+    for stat in ("max_abs", "min_abs", "max_rel"):
+        assert getattr(strided, stat) == getattr(copied, stat)
+    assert strided.mean_abs == pytest.approx(copied.mean_abs, rel=1e-12)
+    same = C.compare("w", view, np.ascontiguousarray(view), C.Tolerance(0.0, "max"))
+    assert same.passed and same.max_abs == 0.0
