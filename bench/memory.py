@@ -57,11 +57,26 @@ def run_measured(steps: str, out: Path, extra: list[str]) -> tuple[dict[str, int
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true", help="lr step only (CI)")
+    ap.add_argument("--schedule", default="auto", choices=["auto", "alternate", "parallel"],
+                    help="parallel: workers side by side, paced (--param layers_pace)")
+    ap.add_argument("--model", default="minilm", choices=["minilm", "bert-base"],
+                    help="bert-base: random BERT-base weights, batch 4 x 128")
+    ap.add_argument("--threads", type=int, default=0, help="threads per worker (0: the launcher's choice)")
+    ap.add_argument("--pace", type=int, default=None, help="--param layers_pace (parallel schedule; 0 = unpaced)")
     args = ap.parse_args()
     steps = "lr" if args.smoke else "weights,layers"
+    extra = ["--schedule", args.schedule, "--threads", str(args.threads)]
+    if args.pace is not None:
+        extra += ["--param", f"layers_pace={args.pace}"]
+    if args.model == "bert-base":
+        from overhead import bert_base_checkpoint
+        extra += ["--torch-model", "bert", "--paddle-model", "bert", "--model-path", str(bert_base_checkpoint()),
+                  "--param", "fake_seq_len=128"]
     with tempfile.TemporaryDirectory(prefix="lsb-mem-") as d:
-        peak, wall, summary = run_measured(steps, Path(d) / "run", [])
-    print(f"steps: {steps} (MiniLM-L6); wall {wall:.1f} s")
+        peak, wall, summary = run_measured(steps, Path(d) / "run", extra)
+    pace = "" if args.pace is None else f", layers_pace {args.pace}"
+    print(f"steps: {steps} ({args.model}, schedule {args.schedule}, threads {args.threads or 'auto'}{pace}); "
+          f"wall {wall:.1f} s")
     print(f"{'step':<10} {'seconds':>8} message")
     for s in summary["steps"]:
         print(f"{s['name']:<10} {float(s['seconds']):8.2f} {str(s.get('message', ''))[:150]}")

@@ -71,7 +71,7 @@ def capture(rc: RunContext, lmap: LayerMap, inputs: dict[str, np.ndarray], tol: 
     tbody = dict(body, modules=[p.torch for p in lmap.pairs])
     pbody = dict(body, modules=[p.paddle for p in lmap.pairs])
     try:
-        replies = rc.both("capture_layers", tbody, pbody, on_partial=ld.feed)
+        replies = rc.both("capture_layers", tbody, pbody, on_partial=ld.feed, pace=int(rc.param("layers_pace")))
     finally:
         stats = ld.finish()
     stats["worker_seconds"] = {"torch": replies[0].get("seconds"), "paddle": replies[1].get("seconds")}

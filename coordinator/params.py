@@ -43,6 +43,8 @@ DEFAULTS: dict[str, Any] = {
     "layers_backward": True,    # layers: also one backward pass (activation + parameter gradients)
     "layer_map": None,          # layers: TOML overriding the automatic layer pairing ([[layer]] torch/paddle)
     "layers_hold_mib": 512.0,   # layers: torch tensors held waiting for paddle's; beyond this, spilled to disk
+    "layers_pace": 8,           # layers, parallel schedule: a worker streams at most this many tensors ahead
+                                # of the other (0: unpaced); in turns (small CPU boxes) it does not apply
 }
 
 

@@ -108,14 +108,18 @@ class RunContext:
         return self.opts.tolerances.get(step, default)
 
     def both(self, op: str, torch_body: Any = None, paddle_body: Any = None, on_partial=None,
-             timeout: float | None = None) -> tuple[Any, Any]:
-        """Run one op on both workers: at once (parallel) or in turns (alternate)."""
+             timeout: float | None = None, pace: int = 0) -> tuple[Any, Any]:
+        """Run one op on both workers: at once (parallel) or in turns (alternate).
+
+        ``pace``: in parallel, neither worker streams more than that many partials ahead of the
+        other (Session.request_many); in turns there is nothing to keep pace with."""
         pb = torch_body if paddle_body is None else paddle_body
         if self.session_schedule == "alternate":
             t = self.session.request("torch", op, torch_body, on_partial, timeout)
             p = self.session.request("paddle", op, pb, on_partial, timeout)
             return t, p
-        r = self.session.request_many({"torch": (op, torch_body), "paddle": (op, pb)}, on_partial, timeout)
+        r = self.session.request_many({"torch": (op, torch_body), "paddle": (op, pb)}, on_partial, timeout,
+                                      pace=pace)
         return r["torch"], r["paddle"]
 
     @property

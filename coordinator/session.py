@@ -35,6 +35,7 @@ INTERRUPT_GRACE_S = 10.0  # after the first Ctrl-C, how long the op in flight ma
 MAX_STASH = 64            # messages kept while waiting for HELLOs (more is a flood: dropped, counted)
 DEFAULT_DEADLINES = {"hello": 120.0, "load_model": 600.0, "train": 7200.0, "perf": 1800.0}
 DEFAULT_DEADLINE = 900.0
+UNPACED = 1 << 62         # a pacing credit that never runs out
 
 Partial = Callable[[str, Any], None]
 
@@ -338,8 +339,14 @@ class Session:
         return self.request_many({name: (op, body)}, on_partial, timeout)[name]
 
     def request_many(self, calls: dict[str, tuple[str, Any]], on_partial: Partial | None = None,
-                     timeout: float | None = None) -> dict[str, Any]:
+                     timeout: float | None = None, pace: int = 0) -> dict[str, Any]:
         """Send one request to each named worker at once, gather the replies.
+
+        ``pace`` (> 0, two or more workers, dict bodies): lockstep streaming. Each worker may
+        send ``pace`` partials beyond the slowest other worker's count; the coordinator grants
+        more as the others progress (``credit`` messages, protocol/worker.py) and everything
+        once another worker has replied. So a fast worker cannot run ahead and make the
+        coordinator hold its whole output while waiting for the slow one's.
 
         Partial replies are handed to ``on_partial(worker, body)`` as they arrive.
         Replies whose request id is not outstanding (stale, duplicate) are discarded;
@@ -350,9 +357,12 @@ class Session:
             ops = ", ".join(f"{op!r} on {n}" for n, (op, _) in calls.items())
             raise Interrupted(f"interrupted: did not start {ops}")
         outstanding: dict[str, int] = {}
+        paced = pace > 0 and len(calls) > 1 and all(isinstance(b, dict) for _, b in calls.values())
+        got_partials = dict.fromkeys(calls, 0)
+        granted = dict.fromkeys(calls, pace)
         for name, (op, body) in calls.items():
             rid = next(self._ids)
-            self._send(name, encode("request", rid, op, body), op=op)
+            self._send(name, encode("request", rid, op, dict(body, _pace=pace) if paced else body), op=op)
             outstanding[name] = rid
             self.workers[name].current_op = op
             self.workers[name].last_op = op
@@ -375,8 +385,15 @@ class Session:
             if msg.kind == "partial":
                 if on_partial:
                     on_partial(name, msg.body)
+                if paced:
+                    got_partials[name] += 1
+                    self._grant(outstanding, got_partials, granted, pace)
                 continue
             del outstanding[name]
+            if paced:
+                for other in outstanding:  # nothing left to keep pace with
+                    granted[other] = UNPACED
+                    self._send(other, encode("request", outstanding[other], "credit", {"upto": UNPACED}))
             self.workers[name].current_op = None
             if msg.kind == "error":
                 errors.append(RemoteError.from_body(msg.body))
@@ -385,6 +402,15 @@ class Session:
         if errors:
             raise WorkerFailed(errors[0])
         return results
+
+    def _grant(self, outstanding: dict[str, int], got: dict[str, int], granted: dict[str, int], pace: int) -> None:
+        """Let every worker still running go ``pace`` partials past the slowest other one."""
+        for name in outstanding:
+            others = [got[o] for o in got if o != name and o in outstanding]
+            upto = min(others) + pace if others else UNPACED
+            if upto > granted[name]:
+                granted[name] = upto
+                self._send(name, encode("request", outstanding[name], "credit", {"upto": upto}))
 
     def _check_interrupt_grace(self, outstanding: dict[str, int], calls: dict[str, tuple[str, Any]]) -> None:
         if self.interrupted_at is None or time.monotonic() < self.interrupted_at + self.interrupt_grace:

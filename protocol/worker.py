@@ -28,12 +28,51 @@ Handler = Callable[[Any, "RequestContext"], Any]
 PROFILE = bool(os.environ.get("LOCKSTEP_PROFILE"))  # per-op handler/encode seconds in the worker log
 
 
-class RequestContext:
-    """Handed to every handler so it can stream partial results of the running request."""
+PACE_WAIT_S = 60.0  # a paced worker waiting this long for a credit stops pacing (never deadlocks)
 
-    def __init__(self, sock: zmq.Socket, req_id: int, op: str, ring: shm.RingWriter | None = None):
+
+class RequestContext:
+    """Handed to every handler so it can stream partial results of the running request.
+
+    Pacing (lockstep): a request whose body carries ``"_pace": W`` may send W partials ahead
+    of the credit the coordinator grants; ``partial()`` then waits for a ``credit`` message
+    (op ``credit``, this request's id, body ``{"upto": n}``). The coordinator grants each
+    worker the other worker's progress plus W, so two workers run a layer-streaming op side by
+    side and neither gets more than W tensors ahead (the coordinator holds at most that many
+    waiting for their counterparts). Anything else arriving meanwhile ends the pacing and is
+    handled after the op.
+    """
+
+    def __init__(self, sock: zmq.Socket, req_id: int, op: str, ring: shm.RingWriter | None = None,
+                 pace: int = 0, pending: list | None = None):
         self._sock, self.id, self.op, self._ring = sock, req_id, op, ring
         self.partials = 0
+        self.upto = pace if pace > 0 else None   # None: not paced
+        self.waited_s = 0.0
+        self._pending = pending if pending is not None else []
+
+    def _wait_credit(self) -> None:
+        t0 = time.perf_counter()
+        while self.upto is not None and self.partials >= self.upto:
+            left = PACE_WAIT_S - (time.perf_counter() - t0)
+            if left <= 0 or not self._sock.poll(int(left * 1000)):
+                print(f"op {self.op}: no credit from the coordinator for {PACE_WAIT_S:g}s; streaming unpaced",
+                      file=sys.stderr, flush=True)
+                self.upto = None
+                break
+            frames = self._sock.recv_multipart(copy=False)
+            try:
+                msg = decode(frames)
+            except ProtocolError:
+                self._pending.append(frames)  # the main loop answers it as malformed
+                continue
+            if msg.kind == "request" and msg.op == "credit":
+                if msg.id == self.id and isinstance(msg.body, dict) and isinstance(msg.body.get("upto"), int):
+                    self.upto = max(self.upto, msg.body["upto"])
+                continue  # a credit for an op already over: nothing to do
+            self._pending.append(frames)
+            self.upto = None
+        self.waited_s += time.perf_counter() - t0
 
     def partial(self, body: Any) -> None:
         """Send one partial reply now (e.g. one layer's output as soon as it exists).
@@ -43,6 +82,8 @@ class RequestContext:
         ring while encoding, the rest into ZeroMQ's own buffers (``copy=True``). That one copy
         is the whole cost; callers need no copy of their own.
         """
+        if self.upto is not None and self.partials >= self.upto:
+            self._wait_credit()
         self._sock.send_multipart(encode("partial", self.id, self.op, body, shm=self._ring), copy=True)
         self.partials += 1
 
@@ -112,9 +153,10 @@ def serve(name: str, endpoint: str, handlers: dict[str, Handler], hello: dict[st
     sock.send_multipart(encode("hello", 0, "hello", info))
     counters = {"requests": 0, "malformed": 0}
     watch_parent(name, parent_pid)
+    pending: list = []  # messages that arrived while a paced op waited for credit
     try:
         while True:
-            frames = sock.recv_multipart(copy=False)
+            frames = pending.pop(0) if pending else sock.recv_multipart(copy=False)
             try:
                 msg = decode(frames)
                 if msg.kind != "request":
@@ -126,9 +168,11 @@ def serve(name: str, endpoint: str, handlers: dict[str, Handler], hello: dict[st
                 err = RemoteError("ProtocolError", str(exc), "", name, "?")
                 sock.send_multipart(encode("error", -1, "?", err.to_body()))
                 continue
+            if msg.op == "credit":
+                continue  # pacing credit for an op that has finished: no reply expected
             counters["requests"] += 1
             try:
-                _dispatch(sock, name, handlers, msg, counters, ring)
+                _dispatch(sock, name, handlers, msg, counters, ring, pending)
             except _Shutdown:
                 return 0
     finally:
@@ -138,7 +182,7 @@ def serve(name: str, endpoint: str, handlers: dict[str, Handler], hello: dict[st
 
 
 def _dispatch(sock: zmq.Socket, name: str, handlers: dict[str, Handler], msg: Any, counters: dict,
-              ring: shm.RingWriter | None = None) -> None:
+              ring: shm.RingWriter | None = None, pending: list | None = None) -> None:
     if ring is not None:
         counters.update(shm_tensors=ring.tensors, shm_bytes=ring.bytes, shm_full=ring.full)
     if msg.op == "shutdown":
@@ -153,15 +197,18 @@ def _dispatch(sock: zmq.Socket, name: str, handlers: dict[str, Handler], msg: An
                           "", name, msg.op)
         sock.send_multipart(encode("error", msg.id, msg.op, err.to_body()))
         return
-    rctx = RequestContext(sock, msg.id, msg.op, ring)
+    body = msg.body if msg.body is not None else {}
+    pace = body.pop("_pace", 0) if isinstance(body, dict) else 0
+    rctx = RequestContext(sock, msg.id, msg.op, ring, pace if isinstance(pace, int) else 0, pending)
     t0 = time.perf_counter()
     try:
-        result = handler(msg.body if msg.body is not None else {}, rctx)
+        result = handler(body, rctx)
         t1 = time.perf_counter()
         frames = encode("reply", msg.id, msg.op, result, shm=ring)
         if PROFILE:
-            print(f"[{name}] op {msg.op}: handler {t1 - t0:.3f} s, encode {time.perf_counter() - t1:.3f} s, "
-                  f"{rctx.partials} partials, {len(frames) - 1} frames", file=sys.stderr, flush=True)
+            print(f"[{name}] op {msg.op}: handler {t1 - t0:.3f} s (waited for credit {rctx.waited_s:.3f} s), "
+                  f"encode {time.perf_counter() - t1:.3f} s, {rctx.partials} partials, {len(frames) - 1} frames",
+                  file=sys.stderr, flush=True)
     except Exception as exc:  # every handler failure crosses as text
         print(f"[{name}] op {msg.op} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         err = RemoteError.from_exception(exc, name, msg.op)

@@ -147,6 +147,7 @@ class FakeAdapter(Adapter):
         for i, n in enumerate(body.get("sizes", [])):
             a = (np.arange(int(n), dtype=np.float32) * 0.5 + i).astype(np.float32)
             if body.get("stream"):
+                time.sleep(float(body.get("delay", 0)))  # a slow side, for pacing tests
                 ctx.partial({"i": i, "t": a})
             out[f"t{i}"] = a
         if body.get("unencodable"):
