@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from conftest import ROOT
@@ -79,6 +80,9 @@ def test_gelu_tanh_is_own_error_at_the_activation_of_layer_2(tmp_path):
     s, step = _check_exact_own_error(tmp_path, "bert.encoder.layer.2.intermediate.intermediate_act_fn",
                                      "bert.encoder.layers.2.activation", "tanh approximation")
     assert step["details"]["backward"] == {"skipped": "layers_backward is off"}
+    fwd = step["details"]["forward"]  # paced (layers_pace 8): tensors diffed and dropped as they arrive,
+    one_side = sum(4 * int(np.prod(r["shape"])) for r in fwd["rows"] if r.get("shape"))
+    assert 0 < fwd["stats"]["held_peak_bytes"] < 0.3 * one_side, (fwd["stats"], one_side)  # turns hold ~all
 
 
 @pytest.mark.timeout(180)
