@@ -241,11 +241,11 @@ def _decode(frames: Sequence[Any], shm: Any) -> Message:
             dtype = DTYPES[dtype_name]
         else:
             raise ProtocolError(f"dtype {dtype_name!r:.40} is not in the whitelist")
+        need = math.prod(shape) * dtype.itemsize
+        total += need
+        if total > MAX_MESSAGE_BYTES:
+            raise ProtocolError(f"message announces {total} tensor bytes, limit {MAX_MESSAGE_BYTES}")
         if len(entry) == 4:  # in the shared ring, not in frames
-            need = math.prod(shape) * dtype.itemsize
-            total += need
-            if total > MAX_MESSAGE_BYTES:
-                raise ProtocolError(f"message announces {total} tensor bytes, limit {MAX_MESSAGE_BYTES}")
             if nframes != 0 or shm is None:
                 raise ProtocolError(f"array {len(arrays)} announces shared memory "
                                     f"{'with frames' if nframes else 'but this connection has no ring'}")
@@ -254,10 +254,6 @@ def _decode(frames: Sequence[Any], shm: Any) -> Message:
             continue
         if nframes < 1 or pos + nframes > len(frames):
             raise ProtocolError(f"array {len(arrays)} announces {nframes} frames, message has {len(frames) - pos} left")
-        need = math.prod(shape) * dtype.itemsize
-        total += need
-        if total > MAX_MESSAGE_BYTES:
-            raise ProtocolError(f"message announces {total} tensor bytes, limit {MAX_MESSAGE_BYTES}")
         bufs = [_buffer(f) for f in frames[pos:pos + nframes]]
         pos += nframes
         if any(len(b) > MAX_FRAME_BYTES for b in bufs):

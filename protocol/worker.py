@@ -26,8 +26,6 @@ from .errors import ProtocolError, RemoteError
 
 Handler = Callable[[Any, "RequestContext"], Any]
 PROFILE = bool(os.environ.get("LOCKSTEP_PROFILE"))  # per-op handler/encode seconds in the worker log
-
-
 PACE_WAIT_S = 60.0  # a paced worker waiting this long for a credit stops pacing (never deadlocks)
 
 

@@ -140,11 +140,14 @@ def _run(rc: RunContext) -> StepResult:
         gmax = max((r["grad_max"] for r in rows if r["grad_max"] is not None), default=0.0)
         pmax = max((r["param_max"] for r in rows if r["param_max"] is not None), default=0.0)
         at = ", ".join(map(str, sorted(checked)))
-        res.message = (f"{iters} iterations: loss and lr within tolerance at every one; "
-                       f"{last_grad_d.extra['of']} gradients and parameters at iteration(s) {at} "
-                       f"(worst grad {gmax:.1e}, worst param {pmax:.1e}); dropout {mode}"
-                       ) if iters and last_grad_d is not None else (
-                       f"{iters} iterations: loss and lr within tolerance" if iters else "no iterations")
+        if not iters:
+            res.message = "no iterations"
+        elif last_grad_d is None:
+            res.message = f"{iters} iterations: loss and lr within tolerance; dropout {mode}"
+        else:
+            res.message = (f"{iters} iterations: loss and lr within tolerance at every one; "
+                           f"{last_grad_d.extra['of']} gradients and parameters at iteration(s) {at} "
+                           f"(worst grad {gmax:.1e}, worst param {pmax:.1e}); dropout {mode}")
     return res
 
 
