@@ -218,7 +218,7 @@ class Debugger:
         for i in range(self.pos + 1, len(self.rows)):
             r = self.rows[i]
             if not r.passed:
-                self.say(f"-- next divergence --")
+                self.say("-- next divergence --")
                 self._move(i)
                 return False
             self.say(row_line(r))

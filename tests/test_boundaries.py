@@ -1,7 +1,6 @@
 """Import boundaries: protocol and coordinator import no framework; each worker imports only its own."""
 
 import glob
-import os
 import re
 import subprocess
 import sys

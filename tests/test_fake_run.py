@@ -1,6 +1,5 @@
 """The coordinator against numpy fake workers started as real subprocesses (no framework needed)."""
 
-import json
 import time
 
 import numpy as np
