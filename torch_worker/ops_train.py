@@ -16,27 +16,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from protocol.shared import WeightSnapshotOps
+
 from .adapter import from_numpy, to_numpy
 from .train_support import DropoutControl, build_optimizer, encode_batch, inject_value, sync, tokenizer_from
 
 
-class TrainOps:
-    def op_weights_snapshot(self, body: dict, ctx: Any) -> dict:
-        """Keep a copy of every weight here, so training steps can be undone without the
-        coordinator sending the whole model back (BERT-base: 418 MiB per side)."""
-        model = self._need_model()
-        self._snapshot = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        return {"tensors": len(self._snapshot)}
+class TrainOps(WeightSnapshotOps):
+    def _copy_state(self) -> dict:
+        return {k: v.detach().clone() for k, v in self._need_model().state_dict().items()}
 
-    def op_weights_restore(self, body: dict, ctx: Any) -> dict:
-        """Put the snapshot back (and drop it: it is a whole second model in memory)."""
-        snap = getattr(self, "_snapshot", None)
-        if snap is None:
-            raise RuntimeError("no weight snapshot to restore: send weights_snapshot first")
-        model = self._need_model()
-        model.load_state_dict(snap)
-        self._snapshot = None
-        return {"tensors": len(snap)}
+    def _load_state(self, snap: dict) -> None:
+        self._need_model().load_state_dict(snap)
 
     def op_train_setup(self, body: dict, ctx: Any) -> dict:
         """Fresh AdamW (the guide's recipe) and dropout mode; resets the dropout step counter."""

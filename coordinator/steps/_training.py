@@ -6,13 +6,14 @@ A leading underscore keeps this module out of the step registry (only names in O
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from ..compare import TensorDiff, Tolerance, compare
 from ..errors import UsageError
-from ..runner import RunContext
+from ..runner import RunContext, StepResult
+from .common import ensure_converted
 
 DROPOUT_MODES = ("off", "shared", "native")
 
@@ -122,6 +123,15 @@ def compare_dropout_calls(t_calls: list[dict], p_calls: list[dict], mode: str) -
     if len(t_calls) != len(p_calls):
         return f"torch made {len(t_calls)} dropout calls per forward, paddle {len(p_calls)}"
     return ""
+
+
+def run_then_restore(rc: RunContext, body: Callable[[RunContext], StepResult]) -> StepResult:
+    """A training step: from the converted weights, and the pristine weights back afterwards."""
+    ensure_converted(rc)
+    try:
+        return body(rc)
+    finally:
+        restore_weights(rc)
 
 
 def restore_weights(rc: RunContext) -> None:

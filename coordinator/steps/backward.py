@@ -24,9 +24,9 @@ import numpy as np
 from ..compare import Tolerance, compare
 from ..errors import UsageError
 from ..runner import RunContext, StepResult
-from ._training import (DROPOUT_NOTE, compare_dropout_calls, compare_named, dropout_mode, restore_weights,
+from ._training import (DROPOUT_NOTE, compare_dropout_calls, compare_named, dropout_mode, run_then_restore,
                         setup_both, to_paddle_names)
-from .common import ensure_converted, finish, gen_inputs
+from .common import finish, gen_inputs
 
 DEFAULTS = {"loss": Tolerance(1e-5, "max"), "grad": Tolerance(1e-5, "max"), "param": Tolerance(5e-6, "max"),
             "lr": Tolerance(0.0, "max")}
@@ -67,11 +67,7 @@ def tensor_iterations(spec: object, iters: int) -> set[int]:
 
 
 def run(rc: RunContext) -> StepResult:
-    ensure_converted(rc)
-    try:
-        return _run(rc)
-    finally:
-        restore_weights(rc)
+    return run_then_restore(rc, _run)
 
 
 def _run(rc: RunContext) -> StepResult:

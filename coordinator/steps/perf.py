@@ -16,8 +16,7 @@ import numpy as np
 
 from ..reprodlog import save_npy
 from ..runner import RunContext, StepResult
-from ._training import restore_weights, setup_both
-from .common import ensure_converted
+from ._training import run_then_restore, setup_both
 
 
 def batch(rc: RunContext) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -39,11 +38,7 @@ def verdict(torch_sps: float, paddle_sps: float, threshold: float) -> tuple[bool
 
 
 def run(rc: RunContext) -> StepResult:
-    ensure_converted(rc)
-    try:
-        return _run(rc)
-    finally:
-        restore_weights(rc)
+    return run_then_restore(rc, _run)
 
 
 def _side(times: np.ndarray, samples: int, threads: int) -> dict:

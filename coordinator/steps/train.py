@@ -18,8 +18,8 @@ import numpy as np
 from ..compare import TensorDiff, Tolerance, compare
 from ..runner import RunContext, StepResult
 from ..tsv import DEMO_FILES, Split, read_tsv
-from ._training import DROPOUT_NOTE, dropout_mode, restore_weights, setup_both
-from .common import ensure_converted, finish
+from ._training import DROPOUT_NOTE, dropout_mode, run_then_restore, setup_both
+from .common import finish
 
 LOSS_TOL = Tolerance(1e-3, "max")
 
@@ -36,11 +36,7 @@ def splits(rc: RunContext) -> tuple[Split, Split, str]:
 
 
 def run(rc: RunContext) -> StepResult:
-    ensure_converted(rc)
-    try:
-        return _run(rc)
-    finally:
-        restore_weights(rc)
+    return run_then_restore(rc, _run)
 
 
 def _run(rc: RunContext) -> StepResult:
