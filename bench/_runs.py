@@ -22,11 +22,11 @@ def env_python(side: str) -> str:
     return str(found[-1])
 
 
-def timed(cmd: list[str], cwd: Path = SCRIPTS) -> tuple[float, str]:
+def timed(cmd: list[str], cwd: Path = SCRIPTS, extra_env: dict | None = None) -> tuple[float, str]:
     """Run ``cmd``; return (wall seconds, stdout); raise naming the command on failure."""
     t0 = time.perf_counter()
     threads = str(os.cpu_count() or 1)  # what the coordinator's launcher gives a worker taking turns
-    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads)
+    env = dict(os.environ, OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, **(extra_env or {}))
     r = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env=env)
     took = time.perf_counter() - t0
     if r.returncode:
@@ -44,3 +44,9 @@ def coordinator_run(steps: str, out: Path, extra: list[str] | None = None) -> tu
     took, _ = timed([str(COORD), "run", "--steps", steps, "--out", str(out), *(extra or [])], cwd=ROOT)
     summary = json.loads((out / "summary.json").read_text())
     return took, {s["name"]: float(s["seconds"]) for s in summary["steps"]}
+
+
+def worker_seconds(out: Path) -> dict[str, dict[str, float]]:
+    """{step: {worker: handler seconds}} from a run's summary.json (the frameworks' own compute)."""
+    summary = json.loads((out / "summary.json").read_text())
+    return {s["name"]: s.get("worker_seconds", {}) for s in summary["steps"]}

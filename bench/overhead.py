@@ -6,7 +6,9 @@ conversion). Frameworks alone: the baseline scripts (bench/baseline_scripts/) do
 forward and the same AdamW iterations in each env, no coordinator, no transport; their
 in-process compute seconds (after import and model load), torch + paddle (the workers take
 turns on a small box, so the sum is the fair yardstick; with ``--schedule parallel`` the
-coordinator may even beat it).
+coordinator may even beat it). The scripts run twice: as a user runs them (glibc defaults) and
+with the malloc settings the launcher gives workers (coordinator/placement.py MALLOC_ENV), so
+the second ratio is what the coordinator itself adds.
 
 Default shape: BERT-base (12 layers, hidden 768, random weights: a checkpoint made once in
 the temp dir), batch 4 x 128, 3 iterations. The backward step compares the loss and lr at
@@ -21,24 +23,42 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import VENV_PY, coordinator_run, env_python, stage_json, timed  # noqa: E402
+from _runs import VENV_PY, coordinator_run, env_python, stage_json, timed, worker_seconds  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from coordinator.placement import malloc_env  # noqa: E402
 
 
-def plain(out: Path, steps: list[str]) -> float:
+def plain(out: Path, steps: list[str], extra_env: dict | None = None, label: str = "alone") -> float:
     tp, pp = env_python("torch"), env_python("paddle")
     timed([tp, "torch_stage.py", "weights", str(out)])
     timed([str(VENV_PY), "convert.py", str(out)])
-    t = stage_json(timed([tp, "torch_stage.py", ",".join(steps), str(out)])[1])["stages"]
-    p = stage_json(timed([pp, "paddle_stage.py", ",".join(steps), str(out)])[1])["stages"]
-    print("  alone: " + ", ".join(f"{side} {s} {d[s]:.2f} s" for side, d in (("torch", t), ("paddle", p))
+    t = stage_json(timed([tp, "torch_stage.py", ",".join(steps), str(out)], extra_env=extra_env)[1])
+    p = stage_json(timed([pp, "paddle_stage.py", ",".join(steps), str(out)], extra_env=extra_env)[1])
+    print(f"  {label}: " + ", ".join(f"{side} {s} {d['stages'][s]:.2f} s" for side, d in (("torch", t), ("paddle", p))
                                   for s in steps), flush=True)
-    return sum(t[s] for s in steps) + sum(p[s] for s in steps)
+    for side, d in (("torch", t), ("paddle", p)):
+        if d["iter_s"]:
+            print(f"  {label} {side} iterations: " + " ".join(f"{x:.2f}" for x in d["iter_s"]), flush=True)
+    return sum(t["stages"][s] for s in steps) + sum(p["stages"][s] for s in steps)
+
+
+def worker_iterations(run_dir: Path) -> None:
+    """With LOCKSTEP_PROFILE=1: each worker's train_step handler/encode seconds from its log."""
+    for side in ("torch", "paddle"):
+        log = run_dir / f"{side}_worker.log"
+        hits = re.findall(r"op train_step: handler ([0-9.]+) s.*?encode ([0-9.]+) s", log.read_text()) \
+            if log.exists() else []
+        if hits:
+            print(f"  coordinator {side} iterations (handler+encode): "
+                  + " ".join(f"{float(h):.2f}+{float(e):.2f}" for h, e in hits), flush=True)
 
 
 def bert_base_checkpoint() -> Path:
@@ -70,13 +90,28 @@ def main() -> None:
         env.update(LSB_PRESET="bert", LSB_MODEL_PATH=str(ckpt))
         extra += ["--torch-model", "bert", "--paddle-model", "bert", "--model-path", str(ckpt)]
     os.environ.update(env)  # the baseline scripts read the shape from here
-    alone, coord = [], []
+    alone, tuned, coord, inside = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="lsb-ov-") as d:
-        for k in range(reps):
+        def run_alone(k: int) -> None:
             alone.append(plain(Path(d) / f"p{k}", steps))
+
+        def run_tuned(k: int) -> None:  # the same scripts with the malloc settings lockstep gives its workers
+            tuned.append(plain(Path(d) / f"m{k}", steps, malloc_env(), "alone+malloc"))
+
+        def run_coordinator(k: int) -> None:
             _, per_step = coordinator_run("weights," + ",".join(steps), Path(d) / f"c{k}", extra)
             coord.append(sum(per_step[s] for s in steps))
-            print("  coordinator: " + ", ".join(f"{s} {per_step[s]:.2f} s" for s in steps), flush=True)
+            ws = worker_seconds(Path(d) / f"c{k}")
+            inside.append(sum(sum(ws[s].values()) for s in steps))
+            print("  coordinator: " + ", ".join(f"{s} {per_step[s]:.2f} s (workers' handlers: " +
+                                                 " + ".join(f"{w} {v:.2f}" for w, v in ws[s].items()) + ")"
+                                                 for s in steps), flush=True)
+            worker_iterations(Path(d) / f"c{k}")
+
+        order = [run_alone, run_coordinator] + ([] if args.smoke else [run_tuned])
+        for k in range(reps):  # rotated each rep: the machine's speed drifts over minutes
+            for run in order[k % len(order):] + order[:k % len(order)]:
+                run(k)
     print(f"steps: {','.join(steps)} ({model}, batch 4 x {seq}, {args.iters} iterations, tensors {args.tensors}, "
           f"schedule {args.schedule}); reps {reps}")
     print(f"{'what':<34} {'min s':>8} {'median s':>9}")
@@ -84,6 +119,13 @@ def main() -> None:
     print(f"{'coordinator steps':<34} {min(coord):8.2f} {statistics.median(coord):9.2f}")
     print(f"{'overhead (min vs min)':<34} {min(coord) / min(alone) - 1:8.1%}")
     print(f"{'overhead (median vs median)':<34} {statistics.median(coord) / statistics.median(alone) - 1:8.1%}")
+    print(f"{'same run: workers handlers':<34} {min(inside):8.2f} {statistics.median(inside):9.2f}")
+    added = [c / i - 1 for c, i in zip(coord, inside)]
+    print(f"{'added by the coordinator, same run':<34} {min(added):8.1%} {statistics.median(added):9.1%}")
+    if tuned:
+        print(f"{'alone, workers malloc settings':<34} {min(tuned):8.2f} {statistics.median(tuned):9.2f}")
+        print(f"{'overhead vs those (min vs min)':<34} {min(coord) / min(tuned) - 1:8.1%}")
+        print(f"{'overhead vs those (median)':<34} {statistics.median(coord) / statistics.median(tuned) - 1:8.1%}")
 
 
 if __name__ == "__main__":

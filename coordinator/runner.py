@@ -34,11 +34,13 @@ class StepResult:
     details: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     status: str = ""                    # passed | failed | error | skipped
+    worker_seconds: dict[str, float] = field(default_factory=dict)  # each worker's handler time in it
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "status": self.status or ("passed" if self.passed else "failed"),
                 "passed": self.passed, "worst": self.worst, "tolerance": self.tolerance,
                 "message": self.message, "seconds": round(self.seconds, 3),
+                "worker_seconds": {n: round(v, 3) for n, v in self.worker_seconds.items()},
                 "diffs": [d.to_json() for d in self.diffs], "details": _jsonable(self.details)}
 
 
@@ -108,13 +110,15 @@ class RunContext:
         return self.opts.tolerances.get(step, default)
 
     def both(self, op: str, torch_body: Any = None, paddle_body: Any = None, on_partial=None,
-             timeout: float | None = None, pace: int = 0) -> tuple[Any, Any]:
+             timeout: float | None = None, pace: int = 0, at_once: bool = False) -> tuple[Any, Any]:
         """Run one op on both workers: at once (parallel) or in turns (alternate).
 
         ``pace``: in parallel, neither worker streams more than that many partials ahead of the
-        other (Session.request_many); in turns there is nothing to keep pace with."""
+        other (Session.request_many); in turns there is nothing to keep pace with.
+        ``at_once``: a short memory-bound op (weight snapshots): both at once whatever the
+        schedule, since turns exist to keep the frameworks' compute threads apart."""
         pb = torch_body if paddle_body is None else paddle_body
-        if self.session_schedule == "alternate":
+        if self.session_schedule == "alternate" and not at_once:
             t = self.session.request("torch", op, torch_body, on_partial, timeout)
             p = self.session.request("paddle", op, pb, on_partial, timeout)
             return t, p
@@ -237,7 +241,7 @@ def run(opts: RunOptions, worker_specs: dict[str, WorkerSpec], say: Callable[[st
             if session.interrupted_at is not None:
                 raise Interrupted(f"interrupted: step {name!r} and later not started")
             say(f"step {name} ...")
-            t0 = time.monotonic()
+            t0, busy0 = time.monotonic(), session.busy()
             try:
                 result = STEPS[name](rc)
                 result.status = "passed" if result.passed else "failed"
@@ -250,6 +254,7 @@ def run(opts: RunOptions, worker_specs: dict[str, WorkerSpec], say: Callable[[st
                 result = StepResult(name, False, message=f"{type(exc).__name__}: {exc}", status="error",
                                     details={"traceback": traceback.format_exc()})
             result.seconds = time.monotonic() - t0
+            result.worker_seconds = {n: b - busy0.get(n, 0.0) for n, b in session.busy().items()}
             summary.add_step(result)
             if on_step:
                 on_step(result)

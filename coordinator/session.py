@@ -64,6 +64,7 @@ class WorkerHandle:
     last_malformed: str = ""
     stopped: bool = False          # stopped on purpose (stop_worker): its exit is no death
     ring: shm.RingReader | None = None  # shared-memory fast path for its tensors (local workers)
+    busy_s: float = 0.0            # handler seconds its replies reported (the framework's compute)
 
     def log_tail(self, lines: int = 30) -> str:
         if not self.log_path or not self.log_path.exists():
@@ -315,6 +316,11 @@ class Session:
     def deadline_for(self, op: str) -> float:
         return self.deadlines.get(op, self.default_deadline)
 
+    def busy(self) -> dict[str, float]:
+        """Seconds each worker has spent in its op handlers so far, as its replies reported them
+        (pacing waits excluded): the frameworks' own compute, for telling it from ours."""
+        return {n: h.busy_s for n, h in self.workers.items()}
+
     def stats(self) -> dict[str, Any]:
         """Protocol counters for the report: what was dropped instead of failing the run."""
         return {"discarded": self.discarded,
@@ -337,6 +343,15 @@ class Session:
     def request(self, name: str, op: str, body: Any = None, on_partial: Partial | None = None,
                 timeout: float | None = None) -> Any:
         return self.request_many({name: (op, body)}, on_partial, timeout)[name]
+
+    def warm_rings(self, nbytes: dict[str, int]) -> dict[str, Any]:
+        """Have the named local workers populate their shared-memory pages for the next ``nbytes``
+        of tensors, all at once (protocol op ``ring_warm``): a step about to receive a large reply
+        from each worker pays the page faults side by side instead of inside each reply's copy.
+        Workers without a ring answer at once."""
+        calls = {n: ("ring_warm", {"bytes": int(b)}) for n, b in nbytes.items()
+                 if b > 0 and n in self.workers and self.workers[n].ring is not None}
+        return self.request_many(calls) if calls else {}
 
     def request_many(self, calls: dict[str, tuple[str, Any]], on_partial: Partial | None = None,
                      timeout: float | None = None, pace: int = 0) -> dict[str, Any]:
@@ -395,6 +410,7 @@ class Session:
                     granted[other] = UNPACED
                     self._send(other, encode("request", outstanding[other], "credit", {"upto": UNPACED}))
             self.workers[name].current_op = None
+            self.workers[name].busy_s += msg.seconds or 0.0
             if msg.kind == "error":
                 errors.append(RemoteError.from_body(msg.body))
             else:

@@ -98,6 +98,7 @@ class Message:
     body: Any = None
     version: int = 0
     nbytes: int = field(default=0, compare=False)
+    seconds: float | None = field(default=None, compare=False)  # a reply's worker-side handler time
 
 
 def _as_le_contiguous(a: np.ndarray) -> np.ndarray:
@@ -111,11 +112,12 @@ def _as_le_contiguous(a: np.ndarray) -> np.ndarray:
 
 
 def encode(kind: str, id: int, op: str, body: Any = None, version: int | None = None,
-           shm: Any = None) -> list:
+           shm: Any = None, seconds: float | None = None) -> list:
     """Return the frames of one message: [header, tensor frames...].
 
     ``shm`` (a ``protocol.shm.RingWriter``, worker side only): tensors that fit go into
     the shared ring instead of frames; their table entry is ``[dtype, shape, 0, offset]``.
+    ``seconds`` (replies): how long the worker's handler computed, header key ``t``.
     """
     from . import PROTOCOL_VERSION
 
@@ -151,6 +153,8 @@ def encode(kind: str, id: int, op: str, body: Any = None, version: int | None = 
 
     header = {"v": PROTOCOL_VERSION if version is None else version, "kind": kind,
               "id": int(id), "op": str(op), "body": body}
+    if seconds is not None:
+        header["t"] = float(seconds)
     try:
         try:
             packed = msgpack.packb(header, default=default, use_bin_type=True, strict_types=False)
@@ -276,7 +280,9 @@ def _decode(frames: Sequence[Any], shm: Any) -> Message:
         raise ProtocolError(f"{len(frames) - pos} unannounced frames after the tensors")
 
     body = _resolve(header.get("body"), arrays)
-    return Message(kind, mid, op, body, version, nbytes=total)
+    t = header.get("t")
+    seconds = float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) and 0 <= t < 1e9 else None
+    return Message(kind, mid, op, body, version, nbytes=total, seconds=seconds)
 
 
 def _resolve(obj: Any, arrays: list, depth: int = 0) -> Any:

@@ -179,6 +179,18 @@ def serve(name: str, endpoint: str, handlers: dict[str, Handler], hello: dict[st
             ring.close()
 
 
+def _ring_warm(ring: shm.RingWriter | None, body: Any) -> dict:
+    """Populate the ring's pages for the next ``bytes`` of tensors ahead of a large reply."""
+    want = body.get("bytes") if isinstance(body, dict) else None
+    if not isinstance(want, int) or isinstance(want, bool) or want < 0:
+        raise ValueError(f"ring_warm wants {{'bytes': <non-negative int>}}, got {body!r:.80}")
+    if ring is None:
+        return {"warmed": 0, "ring": 0, "seconds": 0.0}
+    t0 = time.perf_counter()
+    done = ring.populate_free(want)
+    return {"warmed": done, "ring": ring.size, "touched": ring.touched, "seconds": time.perf_counter() - t0}
+
+
 def _dispatch(sock: zmq.Socket, name: str, handlers: dict[str, Handler], msg: Any, counters: dict,
               ring: shm.RingWriter | None = None, pending: list | None = None) -> None:
     if ring is not None:
@@ -188,6 +200,12 @@ def _dispatch(sock: zmq.Socket, name: str, handlers: dict[str, Handler], msg: An
         raise _Shutdown
     if msg.op == "ping":
         sock.send_multipart(encode("reply", msg.id, msg.op, {"t": time.time(), **counters}))
+        return
+    if msg.op == "ring_warm":
+        try:
+            sock.send_multipart(encode("reply", msg.id, msg.op, _ring_warm(ring, msg.body)))
+        except ValueError as exc:
+            sock.send_multipart(encode("error", msg.id, msg.op, RemoteError.from_exception(exc, name, msg.op).to_body()))
         return
     handler = handlers.get(msg.op)
     if handler is None:
@@ -202,7 +220,7 @@ def _dispatch(sock: zmq.Socket, name: str, handlers: dict[str, Handler], msg: An
     try:
         result = handler(body, rctx)
         t1 = time.perf_counter()
-        frames = encode("reply", msg.id, msg.op, result, shm=ring)
+        frames = encode("reply", msg.id, msg.op, result, shm=ring, seconds=t1 - t0 - rctx.waited_s)
         if PROFILE:
             print(f"[{name}] op {msg.op}: handler {t1 - t0:.3f} s (waited for credit {rctx.waited_s:.3f} s), "
                   f"encode {time.perf_counter() - t1:.3f} s, {rctx.partials} partials, {len(frames) - 1} frames",

@@ -128,3 +128,13 @@ def test_property_random_bytes_never_crash(frames):
         decode(frames)
     except ProtocolError:
         pass
+
+
+def test_reply_carries_the_workers_handler_seconds_and_garbage_is_ignored():
+    got = decode(encode("reply", 3, "forward", {"x": np.ones(3)}, seconds=1.25))
+    assert got.seconds == 1.25 and got.body["x"].tolist() == [1.0, 1.0, 1.0]
+    assert decode(encode("reply", 3, "forward", {})).seconds is None  # older workers: no timing
+    for bad in ("1.0", True, -1.0, float("inf"), None, [1]):
+        header = {"v": 1, "kind": "reply", "id": 3, "op": "x", "body": {}, "t": bad}
+        frames = [msgpack.packb({"a": []}) + msgpack.packb(header)]
+        assert decode(frames).seconds is None, bad

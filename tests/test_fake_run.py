@@ -94,3 +94,15 @@ def test_reprod_npy_files_hold_plain_dicts_of_arrays(fake_run):
     assert proc.returncode == 0
     d = load_reprod_npy(out / "forward_torch.npy")
     assert set(d) == {"logits"} and d["logits"].shape == (4, 2) and d["logits"].dtype == np.float32
+
+
+def test_summary_tells_worker_compute_from_coordinator_time(fake_run):
+    """Each step records the seconds each worker's handlers reported: a worker made slow in
+    forward shows it there and only there (control: the other worker and the other step)."""
+    proc, out = fake_run("--steps", "weights,forward", paddle="slow=1.5@forward")
+    assert proc.returncode == ExitCode.ALIGNED, proc.stdout + proc.stderr
+    steps = {x["name"]: x for x in load_summary(out)["steps"]}
+    fwd, w = steps["forward"], steps["weights"]
+    assert set(fwd["worker_seconds"]) == {"torch", "paddle"}
+    assert 1.5 <= fwd["worker_seconds"]["paddle"] <= fwd["seconds"]
+    assert fwd["worker_seconds"]["torch"] < 0.5 and w["worker_seconds"]["paddle"] < 0.5

@@ -187,3 +187,48 @@ def test_fake_run_reports_ring_traffic_and_a_bad_ring_size_is_a_usage_error(tmp_
     rings = load_summary(tmp_path / "ok")["protocol"]["shm"]
     assert set(rings) == {"torch", "paddle"}  # both local workers got one (the fake MLP's tensors are tiny:
     assert all(r["tensors"] == 0 for r in rings.values())  # all under 64 KiB, so none used it)
+
+
+def _rss_shmem_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("RssShmem:"))
+
+
+def test_populate_free_makes_the_next_tensors_pages_resident_after_the_live_ones():
+    reader = shm.RingReader(16 * MIB)
+    writer = shm.RingWriter(reader.fd, reader.size)
+    try:
+        _, held = roundtrip(writer, reader, {"a": np.ones(MIB // 4, np.float32)})  # pages [0, 1 MiB) in use
+        assert writer.touched == MIB  # put() populated what it wrote
+        before = _rss_shmem_kib()
+        assert writer.populate_free(0) == 0 and _rss_shmem_kib() == before  # control: nothing asked, nothing done
+        done = writer.populate_free(4 * MIB)  # first-fit puts the next 4 MiB after the live tensor
+        assert done == 4 * MIB and writer.touched == 5 * MIB
+        assert _rss_shmem_kib() - before >= 4 * 1024  # resident now, not at the first copy
+        assert writer.populate_free(4 * MIB) == 0  # already there
+        assert writer.populate_free(100 * MIB) == 11 * MIB and writer.touched == 16 * MIB  # capped at the ring
+        _, msg = roundtrip(writer, reader, {"b": np.full(MIB, 2.0, np.float32)})
+        np.testing.assert_array_equal(msg.body["b"], np.full(MIB, 2.0, np.float32))
+        np.testing.assert_array_equal(held.body["a"], np.ones(MIB // 4, np.float32))
+        del msg, held
+    finally:
+        writer.close()
+        reader.close()
+
+
+@pytest.mark.timeout(60)
+def test_ring_warm_op_populates_a_launched_workers_ring_and_refuses_a_bad_body(tmp_path, monkeypatch):
+    from conftest import FAKE
+    from coordinator.session import Session, WorkerSpec
+    from coordinator.errors import WorkerFailed
+    monkeypatch.setenv(shm.SIZE_ENV, "64")
+    with Session(tmp_path / "run") as s:
+        s.launch(WorkerSpec("torch", [sys.executable, FAKE, "torch"], framework="torch"))
+        s.wait_hello(timeout=30)
+        first = s.warm_rings({"torch": 8 * MIB, "paddle": 8 * MIB})  # paddle was never launched: skipped
+        assert set(first) == {"torch"} and first["torch"]["warmed"] == 8 * MIB
+        assert s.warm_rings({"torch": 8 * MIB})["torch"]["warmed"] == 0  # the same pages: nothing new
+        assert s.warm_rings({"torch": 0}) == {}
+        with pytest.raises(WorkerFailed, match="torch worker failed in op 'ring_warm': ValueError: ring_warm wants"):
+            s.request("torch", "ring_warm", {"bytes": "lots"})
+        assert s.request("torch", "ping", {})["requests"] >= 3  # the worker carried on

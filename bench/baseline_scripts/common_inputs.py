@@ -45,9 +45,11 @@ def args() -> tuple[list[str], str, int]:
     return stages, out, threads
 
 
-def report(side: str, times: dict, t_import: float, t_load: float) -> None:
-    """One JSON line the benchmarks read: seconds per stage after the model was loaded."""
-    print(json.dumps({"side": side, "import_s": t_import, "load_s": t_load, "stages": times}), flush=True)
+def report(side: str, times: dict, t_import: float, t_load: float, iter_s: list | None = None) -> None:
+    """One JSON line the benchmarks read: seconds per stage after the model was loaded
+    (and per backward iteration)."""
+    print(json.dumps({"side": side, "import_s": t_import, "load_s": t_load, "stages": times,
+                      "iter_s": iter_s or []}), flush=True)
 
 
 now = time.perf_counter

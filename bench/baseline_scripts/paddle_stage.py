@@ -26,7 +26,7 @@ model.eval()
 inputs, labels = batch(int(config["vocab_size"]))
 pin = {k: paddle.to_tensor(v) for k, v in inputs.items()}
 t2 = now()
-times = {}
+times, iter_s = {}, []
 for stage in stages:
     ts = now()
     if stage == "weights":
@@ -52,11 +52,13 @@ for stage in stages:
                                      apply_decay_param_fun=lambda name: name in decay)
         losses = []
         for _ in range(ITERS):
+            ti = now()
             loss = paddle.nn.functional.cross_entropy(forward(model, info, pin)["logits"], paddle.to_tensor(labels))
             loss.backward()
             opt.step()
             opt.clear_grad()
             losses.append(float(loss))
+            iter_s.append(now() - ti)
         np.save(os.path.join(out, "paddle_backward.npy"), np.array(losses, np.float32))
     times[stage] = now() - ts
-report("paddle", times, t1 - t0, t2 - t1)
+report("paddle", times, t1 - t0, t2 - t1, iter_s)

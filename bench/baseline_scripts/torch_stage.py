@@ -21,7 +21,7 @@ model.eval()  # dropout off, as the coordinator's default
 inputs, labels = batch(int(info["config"]["vocab_size"]))
 tin = {k: torch.from_numpy(v) for k, v in inputs.items()}
 t2 = now()
-times = {}
+times, iter_s = {}, []
 for stage in stages:
     ts = now()
     if stage == "weights":
@@ -51,11 +51,13 @@ for stage in stages:
         opt = torch.optim.AdamW(groups, lr=LR, eps=EPS)
         losses = []
         for _ in range(ITERS):
+            ti = now()
             loss = torch.nn.functional.cross_entropy(forward(model, info, tin)["logits"], torch.from_numpy(labels))
             opt.zero_grad()
             loss.backward()
             opt.step()
             losses.append(loss.item())
+            iter_s.append(now() - ti)
         np.save(os.path.join(out, "torch_backward.npy"), np.array(losses, np.float32))
     times[stage] = now() - ts
-report("torch", times, t1 - t0, t2 - t1)
+report("torch", times, t1 - t0, t2 - t1, iter_s)

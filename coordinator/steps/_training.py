@@ -45,7 +45,7 @@ def setup_both(rc: RunContext, lr: float, dropout: str) -> tuple[dict, dict, Ten
     paddle's and names every parameter whose weight decay differs.
     """
     body = {"optim": optim_config(rc, lr), "dropout": dropout, "seed": rc.opts.seed}
-    rc.both("weights_snapshot", {})   # each worker keeps its pristine weights for restore_weights
+    rc.both("weights_snapshot", {}, at_once=True)   # each worker keeps its pristine weights for restore_weights
     rc.cache["weights_snapshot"] = True
     t, p = rc.both("train_setup", body)
     t_decay = {rc.weight_map.target_name(n) for n in t["decay"]}
@@ -138,7 +138,7 @@ def restore_weights(rc: RunContext) -> None:
     """Put the pristine (pre-training) weights back on both sides for the steps that follow:
     from each worker's own snapshot (setup_both took it), else by sending them again."""
     if rc.cache.pop("weights_snapshot", False):
-        rc.both("weights_restore", {})
+        rc.both("weights_restore", {}, at_once=True)
         return
     if "torch_weights" in rc.cache and "converted" in rc.cache:
         rc.session.request("torch", "set_weights", rc.cache["torch_weights"])

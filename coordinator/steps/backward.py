@@ -49,6 +49,10 @@ def batch(rc: RunContext) -> tuple[dict[str, np.ndarray], np.ndarray]:
     return inputs, labels
 
 
+def _nbytes(tensors: dict | None) -> int:
+    return sum(int(getattr(v, "nbytes", 0)) for v in (tensors or {}).values())
+
+
 def tensor_iterations(spec: object, iters: int) -> set[int]:
     """Which iterations compare gradients and parameters (``--param backward_tensors``)."""
     text = str(spec).strip().lower()
@@ -75,6 +79,9 @@ def _run(rc: RunContext) -> StepResult:
     checked = tensor_iterations(rc.param("backward_tensors"), iters)
     t_setup, p_setup, decay_check = setup_both(rc, float(rc.param("lr")), mode)
     inputs, labels = batch(rc)
+    if checked:  # every gradient and parameter comes back at once: fault their pages in now, both sides
+        rc.session.warm_rings({"torch": 2 * _nbytes(rc.cache.get("torch_weights")),
+                               "paddle": 2 * _nbytes(rc.cache.get("converted"))})
     rc.say(f"  {iters} AdamW iterations (lr {rc.param('lr')}, wd {rc.param('weight_decay')}, "
            f"eps torch {t_setup['eps']:g} / paddle {p_setup['eps']:g}), batch {tuple(labels.shape)}, dropout {mode}; "
            f"gradients and parameters compared at iteration(s) {', '.join(map(str, sorted(checked))) or 'none'}")
