@@ -54,6 +54,8 @@ def make_checkpoint(path: Path, layers: int) -> None:
 
 def start(out: Path, ckpt: Path, threads: int, hold_mib: float) -> RunContext:
     from coordinator.params import resolve
+    from coordinator.placement import tune_own_malloc
+    tune_own_malloc()  # what `coordinator run` does for its own process
     opts = RunOptions(steps=[], out=out, torch_model="bert", paddle_model="bert", model_path=str(ckpt),
                       threads=threads, params=resolve({"layers_hold_mib": hold_mib}))
     out.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,8 @@ def main() -> None:
     Each framework runs in its own environment and process; the coordinator drives
     both in lockstep over ZeroMQ and diffs tensors as they arrive.
     """
+    from .placement import tune_own_malloc
+    tune_own_malloc()  # comparisons reuse their chunk buffers' pages (docs/remote-and-gpu.md)
 
 
 # -- envs --------------------------------------------------------------------------------

@@ -165,6 +165,28 @@ def malloc_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     return dict(MALLOC_ENV)
 
 
+_MALLOPT = {"MALLOC_TRIM_THRESHOLD_": -1, "MALLOC_TOP_PAD_": -2, "MALLOC_MMAP_THRESHOLD_": -3}  # M_* numbers
+
+
+def tune_own_malloc() -> bool:
+    """The same settings for the coordinator process itself, through ``mallopt`` (its
+    environment was read at start-up). Its comparisons allocate 1 MB temporaries per chunk;
+    with glibc's defaults each came back as fresh pages: the layers step's BERT-base forward
+    comparisons took 0.48 s instead of 0.17 s. False when skipped (not glibc, or the user
+    tunes malloc)."""
+    import ctypes
+    import platform
+    wanted = malloc_env()
+    if not wanted or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(None)
+        # mallopt takes a C int: 2 GiB - 1 is "never trim" for any heap top this process will have
+        return all(libc.mallopt(_MALLOPT[k], min(int(v), 2**31 - 1)) == 1 for k, v in wanted.items())
+    except (OSError, AttributeError, ValueError, OverflowError):
+        return False
+
+
 def worker_env(name: str, device: str, threads: int) -> dict[str, str]:
     """Everything a worker's environment needs from us: offline hubs, its device, its thread
     count, and malloc settings that keep freed memory in the process."""
