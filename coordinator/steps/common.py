@@ -42,10 +42,12 @@ def ensure_converted(rc: RunContext) -> dict[str, np.ndarray]:
         return rc.cache["converted"]
     ensure_loaded(rc)
     rc.weight_map = modelspec.choose_weight_map(rc)  # --mapping, built-in bert, or automatic
-    # Kept for the whole run, so copied out of torch's shared-memory ring (its pages are for
-    # tensors in flight: BERT-base's 418 MiB would otherwise hold 40 % of it until the end).
-    torch_sd = {k: v.copy() if isinstance(v, np.ndarray) else v
-                for k, v in rc.session.request("torch", "get_weights", {}).items()}
+    torch_sd = rc.session.request("torch", "get_weights", {})
+    worker = rc.session.workers.get("torch")
+    if worker is not None and worker.ring is not None:
+        # Kept for the whole run, so copied out of torch's shared-memory ring (its pages are for
+        # tensors in flight: BERT-base's 418 MiB would otherwise hold 40 % of it until the end).
+        torch_sd = {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in torch_sd.items()}
     specs = rc.session.request("paddle", "weight_specs", {})
     converted, records = rc.weight_map.convert(torch_sd, {k: (v[0], v[1]) for k, v in specs.items()})
     rc.session.request("paddle", "set_weights", converted)
