@@ -39,14 +39,10 @@ def stage_json(stdout: str) -> dict:
     return json.loads([ln for ln in stdout.splitlines() if ln.startswith("{")][-1])
 
 
-def coordinator_run(steps: str, out: Path, extra: list[str] | None = None) -> tuple[float, dict]:
-    """`coordinator run --steps STEPS`: (wall seconds, {step: seconds from summary.json})."""
+def coordinator_run(steps: str, out: Path, extra: list[str] | None = None) -> tuple[float, dict, dict]:
+    """`coordinator run --steps STEPS`: (wall seconds, {step: seconds}, {step: {worker: handler
+    seconds}}), the last two from summary.json (the handlers' seconds: the frameworks' own compute)."""
     took, _ = timed([str(COORD), "run", "--steps", steps, "--out", str(out), *(extra or [])], cwd=ROOT)
     summary = json.loads((out / "summary.json").read_text())
-    return took, {s["name"]: float(s["seconds"]) for s in summary["steps"]}
-
-
-def worker_seconds(out: Path) -> dict[str, dict[str, float]]:
-    """{step: {worker: handler seconds}} from a run's summary.json (the frameworks' own compute)."""
-    summary = json.loads((out / "summary.json").read_text())
-    return {s["name"]: s.get("worker_seconds", {}) for s in summary["steps"]}
+    return (took, {s["name"]: float(s["seconds"]) for s in summary["steps"]},
+            {s["name"]: s.get("worker_seconds", {}) for s in summary["steps"]})

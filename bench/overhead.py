@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _runs import VENV_PY, coordinator_run, env_python, stage_json, timed, worker_seconds  # noqa: E402
+from _runs import VENV_PY, coordinator_run, env_python, stage_json, timed  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from coordinator.placement import malloc_env  # noqa: E402
@@ -99,9 +99,8 @@ def main() -> None:
             tuned.append(plain(Path(d) / f"m{k}", steps, malloc_env(), "alone+malloc"))
 
         def run_coordinator(k: int) -> None:
-            _, per_step = coordinator_run("weights," + ",".join(steps), Path(d) / f"c{k}", extra)
+            _, per_step, ws = coordinator_run("weights," + ",".join(steps), Path(d) / f"c{k}", extra)
             coord.append(sum(per_step[s] for s in steps))
-            ws = worker_seconds(Path(d) / f"c{k}")
             inside.append(sum(sum(ws[s].values()) for s in steps))
             print("  coordinator: " + ", ".join(f"{s} {per_step[s]:.2f} s (workers' handlers: " +
                                                  " + ".join(f"{w} {v:.2f}" for w, v in ws[s].items()) + ")"
