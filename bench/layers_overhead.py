@@ -52,12 +52,12 @@ def make_checkpoint(path: Path, layers: int) -> None:
     subprocess.run([str(py), "-c", MAKE_CKPT, str(path), str(layers)], check=True, capture_output=True)
 
 
-def start(out: Path, ckpt: Path, threads: int, hold_mib: float) -> RunContext:
+def start(out: Path, ckpt: Path, threads: int, hold_mib: float | None = None) -> RunContext:
     from coordinator.params import resolve
     from coordinator.placement import tune_own_malloc
     tune_own_malloc()  # what `coordinator run` does for its own process
     opts = RunOptions(steps=[], out=out, torch_model="bert", paddle_model="bert", model_path=str(ckpt),
-                      threads=threads, params=resolve({"layers_hold_mib": hold_mib}))
+                      threads=threads, params=resolve({} if hold_mib is None else {"layers_hold_mib": hold_mib}))
     out.mkdir(parents=True, exist_ok=True)
     specs = _worker_specs(opts, True, lambda s: None)
     session = Session(out)
@@ -91,7 +91,7 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--hold-mib", type=float, default=512.0)
+    ap.add_argument("--hold-mib", type=float, default=None, help="layers_hold_mib (default: the run's default)")
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
     out = a.out or Path(tempfile.mkdtemp(prefix="lockstep-bench-layers-"))
@@ -133,7 +133,7 @@ def main() -> int:
         summary = summarize(res)
         summary["config"] = {"hidden": 768, "layers": a.layers, "heads": 12, "intermediate": 3072,
                              "batch": a.batch, "seq": a.seq, "threads": a.threads, "reps": a.reps,
-                             "pairs": len(lmap.pairs), "hold_mib": a.hold_mib}
+                             "pairs": len(lmap.pairs), "hold_mib": float(rc.param("layers_hold_mib"))}
         summary["coordinator_peak_rss_mib"] = round(_vm("VmHWM"), 1)
         summary["coordinator_peak_rss_after_convert_mib"] = round(rss_after_convert, 1)
         print(json.dumps(summary, indent=1))

@@ -17,6 +17,8 @@ Rows, in torch's execution order:
 
 from __future__ import annotations
 
+import functools
+
 import os
 import tempfile
 from collections import OrderedDict
@@ -75,7 +77,7 @@ class HoldStore:
         self.budget = budget
         self.spill_dir = spill_dir
         self.mem: dict[Any, np.ndarray] = {}
-        self.disk: dict[Any, tuple[int, str, tuple]] = {}
+        self.disk: dict[Any, tuple[int, str, tuple, bool]] = {}
         self.bytes = 0
         self.peak = 0
         self.spilled = 0
@@ -91,15 +93,20 @@ class HoldStore:
         self.peak = max(self.peak, self.bytes)
 
     def _spill(self, key: Any, arr: np.ndarray) -> None:
+        """Write the array's bytes straight from its buffer (no ``tobytes`` copy). A transposed view
+        (a parameter gradient already in paddle's layout) is written as its contiguous base and
+        read back as the same view, so spilling never pays for the transposition."""
         if self._file is None:
             fd, self._path = tempfile.mkstemp(prefix="layers-hold-", suffix=".bin",
                                               dir=str(self.spill_dir) if self.spill_dir else None)
             self._file = os.fdopen(fd, "w+b")
-        a = np.ascontiguousarray(arr)
+        transposed = arr.ndim == 2 and not arr.flags.c_contiguous and arr.T.flags.c_contiguous
+        a = arr.T if transposed else np.ascontiguousarray(arr)
         self._file.seek(0, os.SEEK_END)
         off = self._file.tell()
-        self._file.write(a.tobytes())
-        self.disk[key] = (off, a.dtype.str, a.shape)
+        if a.nbytes:
+            self._file.write(memoryview(a.reshape(-1)).cast("B"))
+        self.disk[key] = (off, a.dtype.str, a.shape, transposed)
         self.spilled += a.nbytes
 
     def __contains__(self, key: Any) -> bool:
@@ -118,10 +125,11 @@ class HoldStore:
         """Read without releasing (the debugger revisits rows)."""
         if key in self.mem:
             return self.mem[key]
-        off, dtype, shape = self.disk[key]
+        off, dtype, shape, transposed = self.disk[key]
         self._file.flush()
         count = int(np.prod(shape)) if shape else 1
-        return np.fromfile(self._path, dtype=np.dtype(dtype), count=count, offset=off).reshape(shape)
+        arr = np.fromfile(self._path, dtype=np.dtype(dtype), count=count, offset=off).reshape(shape)
+        return arr.T if transposed else arr
 
     def keys(self) -> list[Any]:
         return list(self.mem) + list(self.disk)
@@ -174,32 +182,58 @@ def _reduce_broadcast(row: Row, ref: np.ndarray, got: np.ndarray) -> tuple[np.nd
 CHUNK = 1 << 18   # elements per pass (1 MB of float32): temporaries stay in cache, even for a 94 MB gradient
 
 
+@functools.lru_cache(maxsize=8)
+def _ones(dtype: np.dtype) -> np.ndarray:
+    """A chunk of ones: ``dot(d, ones)`` is the fastest sum numpy has for float32."""
+    out = np.ones(CHUNK, dtype)
+    out.flags.writeable = False
+    return out
+
+
 def _chunked_stats(ref: np.ndarray, got: np.ndarray) -> dict[str, Any] | None:
     """max/mean |diff|, max rel, worst position, max|ref| and RMS figures, a chunk at a time.
 
     Works in the arrays' own float type: |a - b| of two close float32 numbers is exact
-    (Sterbenz), the mean is accumulated in float64. Any NaN/Inf on either side makes some
-    |a - b| non-finite, and then None is returned (``compare`` names the first one)."""
+    (Sterbenz). Any NaN/Inf on either side makes some |a - b| non-finite, and then None is
+    returned (``compare`` names the first one). Two scratch buffers of one chunk are reused
+    for every chunk, and every pass that can be a BLAS dot is one: the sums (mean and RMS
+    figures, informational) are float32 dots added up in float64 per chunk, within ~1e-6
+    relative of a float64 sum. This runs on the coordinator while a worker computes on the
+    same cores: 0.2 s -> 0.1 s for a BERT-base forward's 420 MB (bench/RESULTS.md)."""
     a_flat, b_flat = np.ravel(ref), np.ravel(got)
     n = a_flat.size
+    m = min(n, CHUNK)
+    d_buf, r_buf = np.empty(m, a_flat.dtype), np.empty(m, a_flat.dtype)
+    blas = a_flat.dtype in (np.float32, np.float64)
+    ones = _ones(a_flat.dtype) if blas else None
     best, best_i, sum_d, sum_d2, sum_r2, scale, max_rel = -1.0, 0, 0.0, 0.0, 0.0, 0.0, 0.0
-    for i in range(0, n, CHUNK):
-        a, b = a_flat[i:i + CHUNK], b_flat[i:i + CHUNK]
-        d = np.abs(a - b)
-        k = int(np.argmax(d))            # NaN wins argmax; checked below
-        dk = float(d[k])
-        absa = np.abs(a)
-        amax = float(absa.max())
-        if not (np.isfinite(dk) and np.isfinite(amax)):
-            return None
-        if dk > best:
-            best, best_i = dk, i + k
-        sum_d += float(d.sum(dtype=np.float64))
-        sum_d2 += float(np.dot(d, d))       # RMS figures are informational: float32 dot is plenty
-        sum_r2 += float(np.dot(a, a))
-        scale = max(scale, amax)
-        np.maximum(absa, np.finfo(absa.dtype).tiny, out=absa)
-        max_rel = max(max_rel, float((d / absa).max()))
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for i in range(0, n, CHUNK):
+            a, b = a_flat[i:i + CHUNK], b_flat[i:i + CHUNK]
+            k_n = a.size
+            d, absa = d_buf[:k_n], r_buf[:k_n]
+            np.subtract(a, b, out=d)
+            np.abs(d, out=d)
+            k = int(np.argmax(d))            # NaN wins argmax; checked below
+            dk = float(d[k])
+            np.abs(a, out=absa)
+            amax = float(absa.max())
+            if not (np.isfinite(dk) and np.isfinite(amax)):
+                return None
+            if dk > best:
+                best, best_i = dk, i + k
+            if blas:
+                sum_d += float(np.dot(d, ones[:k_n]))
+                sum_d2 += float(np.dot(d, d))
+                sum_r2 += float(np.dot(a, a))
+            else:                            # float16 would overflow its own accumulator
+                d64, a64 = d.astype(np.float64), a.astype(np.float64)
+                sum_d += float(d64.sum())
+                sum_d2 += float(np.dot(d64, d64))
+                sum_r2 += float(np.dot(a64, a64))
+            scale = max(scale, amax)
+            np.divide(d, absa, out=absa)     # 0/0 is NaN, which fmax skips; x/0 is inf
+            max_rel = max(max_rel, float(np.fmax.reduce(absa)))
     worst = tuple(int(x) for x in np.unravel_index(best_i, ref.shape)) if ref.ndim else ()
     return {"max_abs": max(best, 0.0), "mean_abs": sum_d / n, "max_rel": max_rel, "worst": worst, "scale": scale,
             "rms_rel": (sum_d2 / sum_r2) ** 0.5 if sum_r2 > 0 else 0.0}

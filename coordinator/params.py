@@ -42,7 +42,8 @@ DEFAULTS: dict[str, Any] = {
     "metric_batch": 64,
     "layers_backward": True,    # layers: also one backward pass (activation + parameter gradients)
     "layer_map": None,          # layers: TOML overriding the automatic layer pairing ([[layer]] torch/paddle)
-    "layers_hold_mib": 512.0,   # layers: torch tensors held waiting for paddle's; beyond this, spilled to disk
+    "layers_hold_mib": 1024.0,  # layers: torch tensors held waiting for paddle's; beyond this, spilled to disk
+                                # (1024: BERT-base's backward, 717 MiB, stays in the worker's ring)
     "layers_pace": 8,           # layers, parallel schedule: a worker streams at most this many tensors ahead
                                 # of the other (0: unpaced); in turns (small CPU boxes) it does not apply
 }

@@ -198,11 +198,16 @@ def test_nan_and_shape_mismatch_never_pass_but_broadcast_is_noted():
 def test_hold_store_spills_exactly_and_cleans_up(tmp_path):
     st = HoldStore(budget=100, spill_dir=tmp_path)
     arrs = {i: np.arange(40 * (i + 1), dtype=np.float32).reshape(-1, 2) + 0.5 for i in range(4)}
+    arrs[4] = np.arange(60, dtype=np.float32).reshape(6, 10).T           # a transposed view (paddle layout)
+    arrs[5] = np.arange(60, dtype=np.float64).reshape(6, 10)[:, ::3]     # strided, not a transpose
     for i, a in arrs.items():
         st.put(i, a)
     assert st.spilled > 0 and list(tmp_path.glob("layers-hold-*.bin"))
+    for i in (4, 5):
+        got = st.get(i)
+        assert got.shape == arrs[i].shape and got.dtype == arrs[i].dtype and np.array_equal(got, arrs[i])
     assert np.array_equal(st.get(3), arrs[3])
-    for i in (2, 0, 3, 1):
+    for i in (2, 0, 5, 3, 4, 1):
         assert np.array_equal(st.pop(i), arrs[i])
     st.close()
     assert not list(tmp_path.glob("layers-hold-*.bin"))
@@ -294,3 +299,29 @@ def test_chunked_statistics_match_the_one_pass_comparison(monkeypatch):
     b[4, 6, 2] = np.inf                                     # in the last chunk: still never passes
     r = compare_row(Row("forward", "output", "x", "x", "x"), a, b, LayerTolerance(1.0))
     assert not r.passed and "inf in paddle output at index [4, 6, 2]" in r.reason
+
+
+def test_chunked_statistics_in_float16_do_not_overflow(monkeypatch):
+    """The sums run as float32 BLAS dots; float16 has no BLAS and its own accumulator would
+    overflow at 65504, so it is summed in float64 (control: the float64 comparison)."""
+    import coordinator.layerdiff as ld
+    monkeypatch.setattr(ld, "CHUNK", 1 << 16)
+    a = np.full(1 << 18, 300.0, np.float16)
+    b = a + np.float16(2.0)
+    r16 = compare_row(Row("forward", "output", "x", "x", "x"), a, b, LayerTolerance(1.0))
+    r64 = compare_row(Row("forward", "output", "x", "x", "x"), a.astype(np.float64), b.astype(np.float64),
+                      LayerTolerance(1.0))
+    assert r16.mean_abs == pytest.approx(r64.mean_abs) == pytest.approx(2.0)
+    assert r16.rms_rel == pytest.approx(r64.rms_rel, rel=1e-3) and np.isfinite(r16.rms_rel)
+    assert r16.max_rel == pytest.approx(2.0 / 300.0, rel=1e-2)
+
+
+def test_chunked_max_rel_ignores_exact_zeros_and_flags_zero_reference():
+    a = np.zeros(10, np.float32)
+    r = compare_row(Row("forward", "output", "x", "x", "x"), a, a.copy(), LayerTolerance(1.0))
+    assert r.max_rel == 0.0 and r.max_abs == 0.0 and r.passed     # 0/0 everywhere is no error
+    b = a.copy()
+    b[3] = 1e-3
+    r = compare_row(Row("forward", "output", "x", "x", "x"), a, b, LayerTolerance(1.0))
+    assert r.max_rel == float("inf") and r.to_json()["max_rel"] is None
+    assert r.worst_index == [3]
