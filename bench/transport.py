@@ -49,6 +49,45 @@ def memcpy_gbps(nbytes: int, reps: int) -> float:
     return nbytes * reps / (time.perf_counter() - t0) / 1e9
 
 
+def socket_gbps(nbytes: int, reps: int) -> float:
+    """The ceiling for any socket transport here: a raw AF_UNIX stream between two processes,
+    4 MiB kernel buffers, the receiver reading into one preallocated, touched buffer (no
+    framing, no allocation, no decode). Both kernel copies, nothing else."""
+    import socket
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for s in (a, b):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    p = mp.get_context("fork").Process(target=_raw_sender, args=(a, nbytes, reps))
+    p.start()
+    a.close()
+    dst = np.ones(nbytes, np.uint8)
+    mv = memoryview(dst)
+    try:
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            got = 0
+            while got < nbytes:
+                k = b.recv_into(mv[got:], nbytes - got)
+                if not k:
+                    raise RuntimeError("raw socket sender went away")
+                got += k
+        took = time.perf_counter() - t0
+    finally:
+        b.close()
+        p.join(30)
+        if p.is_alive():
+            p.kill()
+    return nbytes * reps / took / 1e9
+
+
+def _raw_sender(sock: object, nbytes: int, reps: int) -> None:
+    mv = memoryview(np.ones(nbytes, np.uint8))
+    for _ in range(reps):
+        sock.sendall(mv)  # type: ignore[attr-defined]
+    sock.close()  # type: ignore[attr-defined]
+
+
 def _sender(endpoint: str, nbytes: int, reps: int, chunk: int, sockbuf: int, ring: tuple | None) -> None:
     codec.CHUNK_BYTES = chunk  # the worker's encode() splits tensors at this size
     writer = shm.RingWriter(*ring) if ring else None  # what protocol.worker.serve opens
@@ -129,7 +168,13 @@ def main() -> None:
     ap.add_argument("--ring-mib", type=float, default=shm.configured_bytes() / (1 << 20),
                     help="shared-memory ring per worker for the 'ring' path (default: LOCKSTEP_SHM_MIB or "
                          f"{shm.DEFAULT_MIB}); 0 measures frames only")
+    ap.add_argument("--glibc-malloc", action="store_true",
+                    help="leave glibc's malloc defaults (the coordinator tunes its own: coordinator/placement.py)")
     args = ap.parse_args()
+    tuned = False
+    if not args.glibc_malloc:
+        from coordinator.placement import tune_own_malloc
+        tuned = tune_own_malloc()  # as `coordinator run` does at start; the forked sender inherits it
     sockbuf_default = getattr(codec, "SOCKET_BUFFER_BYTES", 0)
     sockbuf = sockbuf_default if args.sockbuf_mib is None else int(args.sockbuf_mib * (1 << 20))
     chunk = int(args.chunk_mib * (1 << 20))
@@ -138,23 +183,28 @@ def main() -> None:
     rounds = 1 if args.smoke else args.rounds
     paths = [("frames", 0, False)] + ([("ring", ring, False), ("ring*", ring, True)] if ring else [])
     print(f"chunk {chunk / (1 << 20):g} MiB, socket buffers {sockbuf / (1 << 20):g} MiB (0 = OS default), "
-          f"ring {ring / (1 << 20):g} MiB, {rounds} round(s), cpus {os.cpu_count()}")
+          f"ring {ring / (1 << 20):g} MiB, {rounds} round(s), cpus {os.cpu_count()}, "
+          f"malloc {'tuned as the coordinator' if tuned else 'glibc defaults'}")
     print("frames: every byte through the ipc socket (remote workers); ring: the shared-memory path "
           "Session.launch gives local workers (tensors under 64 KiB still go as frames), fresh pages; "
-          "ring*: the same with the ring's pages touched once before (a run's steady state)")
+          "ring*: the same with the ring's pages touched once before (a run's steady state); "
+          "socket: a raw unix socket between two processes, the ceiling for frames on this machine")
     print(f"{'size':>8} {'path':>7} {'memcpy GB/s':>12} {'med GB/s':>9} {'best GB/s':>10} {'ratio med':>10} "
-          f"{'ratio best':>11}")
+          f"{'ratio best':>11} {'socket GB/s':>12} {'of socket':>10}")
     d = tempfile.mkdtemp(prefix="lsb-")
     for n in sizes:
         reps = 20 if args.smoke else max(4, min(4000, (512 << 20) // n))
         for path, ring_bytes, warm in paths:
-            mem, got = [], []
+            mem, got, raw = [], [], []
             for k in range(rounds):
                 mem.append(memcpy_gbps(n, reps))
                 got.append(zmq_gbps(n, reps, f"ipc://{d}/p{n}-{path}-{k}", chunk, sockbuf, ring_bytes, warm))
+                if path == "frames" and n >= 1 << 20:
+                    raw.append(socket_gbps(n, reps))
             m = max(mem)  # the memcpy yardstick at its best: ratios are conservative
             med, best = statistics.median(got), max(got)
-            print(f"{label(n):>8} {path:>7} {m:12.2f} {med:9.2f} {best:10.2f} {med / m:10.1%} {best / m:11.1%}",
+            sock = f"{max(raw):12.2f} {med / max(raw):10.1%}" if raw else ""
+            print(f"{label(n):>8} {path:>7} {m:12.2f} {med:9.2f} {best:10.2f} {med / m:10.1%} {best / m:11.1%} {sock}",
                   flush=True)
 
 
