@@ -17,8 +17,6 @@ Rows, in torch's execution order:
 
 from __future__ import annotations
 
-import functools
-
 import os
 import tempfile
 from collections import OrderedDict
@@ -28,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .compare import Tolerance, compare
+from .compare import Tolerance, compare, row_blocks
 from .layermap import LayerMap
 
 RECENT = 16   # outputs kept per side to resolve references (a referenced output is within the worker's window of 16)
@@ -182,12 +180,18 @@ def _reduce_broadcast(row: Row, ref: np.ndarray, got: np.ndarray) -> tuple[np.nd
 CHUNK = 1 << 18   # elements per pass (1 MB of float32): temporaries stay in cache, even for a 94 MB gradient
 
 
-@functools.lru_cache(maxsize=8)
-def _ones(dtype: np.dtype) -> np.ndarray:
-    """A chunk of ones: ``dot(d, ones)`` is the fastest sum numpy has for float32."""
-    out = np.ones(CHUNK, dtype)
-    out.flags.writeable = False
-    return out
+_ONES: dict[np.dtype, np.ndarray] = {}
+
+
+def _ones(dtype: np.dtype, n: int) -> np.ndarray:
+    """``n`` ones (a view of one growing array per dtype): ``dot(d, ones)`` is the fastest sum
+    numpy has for float32."""
+    have = _ONES.get(dtype)
+    if have is None or have.size < n:
+        have = np.ones(max(n, CHUNK), dtype)
+        have.flags.writeable = False
+        _ONES[dtype] = have
+    return have[:n]
 
 
 def _chunked_stats(ref: np.ndarray, got: np.ndarray) -> dict[str, Any] | None:
@@ -200,17 +204,18 @@ def _chunked_stats(ref: np.ndarray, got: np.ndarray) -> dict[str, Any] | None:
     figures, informational) are float32 dots added up in float64 per chunk, within ~1e-6
     relative of a float64 sum. This runs on the coordinator while a worker computes on the
     same cores: 0.2 s -> 0.1 s for a BERT-base forward's 420 MB (bench/RESULTS.md)."""
-    a_flat, b_flat = np.ravel(ref), np.ravel(got)
-    n = a_flat.size
-    m = min(n, CHUNK)
-    d_buf, r_buf = np.empty(m, a_flat.dtype), np.empty(m, a_flat.dtype)
-    blas = a_flat.dtype in (np.float32, np.float64)
-    ones = _ones(a_flat.dtype) if blas else None
+    n = ref.size
+    dtype = ref.dtype
+    blocks = row_blocks(ref, got, CHUNK)
+    m = min(n, 2 * CHUNK)  # blocks of transposed views are whole TILE-row runs: up to ~2 chunks
+    d_buf, r_buf = np.empty(m, dtype), np.empty(m, dtype)
+    blas = dtype in (np.float32, np.float64)
     best, best_i, sum_d, sum_d2, sum_r2, scale, max_rel = -1.0, 0, 0.0, 0.0, 0.0, 0.0, 0.0
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        for i in range(0, n, CHUNK):
-            a, b = a_flat[i:i + CHUNK], b_flat[i:i + CHUNK]
+        for i, a, b in blocks:
             k_n = a.size
+            if k_n > d_buf.size:
+                d_buf, r_buf = np.empty(k_n, dtype), np.empty(k_n, dtype)
             d, absa = d_buf[:k_n], r_buf[:k_n]
             np.subtract(a, b, out=d)
             np.abs(d, out=d)
@@ -223,7 +228,7 @@ def _chunked_stats(ref: np.ndarray, got: np.ndarray) -> dict[str, Any] | None:
             if dk > best:
                 best, best_i = dk, i + k
             if blas:
-                sum_d += float(np.dot(d, ones[:k_n]))
+                sum_d += float(np.dot(d, _ones(dtype, k_n)))
                 sum_d2 += float(np.dot(d, d))
                 sum_r2 += float(np.dot(a, a))
             else:                            # float16 would overflow its own accumulator

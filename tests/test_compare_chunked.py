@@ -39,7 +39,8 @@ def test_close_tensors_pass() -> None:
     assert d.passed and 0 < d.max_abs < 1e-6
 
 
-@pytest.mark.parametrize("shape", [(3072, 768), (7, 5, C.STATS_CHUNK // 3 + 1), (1, 2 * C.STATS_CHUNK + 1)])
+@pytest.mark.parametrize("shape", [(3072, 768), (333, 200), (5, 3000), (7, 5, C.STATS_CHUNK // 3 + 1),
+                                   (1, 2 * C.STATS_CHUNK + 1)])
 def test_strided_views_give_the_same_numbers_as_contiguous_copies(shape) -> None:
     """Torch weights are compared in paddle's layout as transposed views (no copy): same verdict,
     statistics and worst index as comparing a contiguous transposed copy."""
@@ -58,3 +59,22 @@ def test_strided_views_give_the_same_numbers_as_contiguous_copies(shape) -> None
     assert strided.mean_abs == pytest.approx(copied.mean_abs, rel=1e-12)
     same = C.compare("w", view, np.ascontiguousarray(view), C.Tolerance(0.0, "max"))
     assert same.passed and same.max_abs == 0.0
+
+
+@pytest.mark.parametrize("shape", [(3072, 768), (333, 200), (129, 1)])
+def test_row_blocks_cover_transposed_views_on_either_side_in_c_order(shape) -> None:
+    """Blocks of a transposed view are tile-copied into a reused buffer: every element once, in
+    C order, on whichever side the view is (control: the contiguous copies, cut flat)."""
+    rng = np.random.RandomState(2)
+    w = rng.standard_normal(shape).astype(np.float32)
+    view, flat = w.T, np.ascontiguousarray(w.T).reshape(-1)
+    other = rng.standard_normal(view.shape).astype(np.float32)
+    for a, b, fa, fb in ((view, other, flat, other.reshape(-1)), (other, view, other.reshape(-1), flat)):
+        pos, got_a, got_b = 0, [], []
+        for start, ba, bb in C.row_blocks(a, b, 1000):
+            assert start == pos and ba.ndim == bb.ndim == 1 and ba.size == bb.size
+            got_a.append(ba.copy())                # the buffer is reused by the next block
+            got_b.append(bb.copy())
+            pos += ba.size
+        assert pos == view.size
+        assert np.array_equal(np.concatenate(got_a), fa) and np.array_equal(np.concatenate(got_b), fb)

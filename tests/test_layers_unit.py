@@ -325,3 +325,17 @@ def test_chunked_max_rel_ignores_exact_zeros_and_flags_zero_reference():
     r = compare_row(Row("forward", "output", "x", "x", "x"), a, b, LayerTolerance(1.0))
     assert r.max_rel == float("inf") and r.to_json()["max_rel"] is None
     assert r.worst_index == [3]
+
+
+def test_transposed_param_grad_rows_match_contiguous_copies():
+    """A torch weight gradient compared in paddle's layout as a transposed view (tiled blocks)
+    gives the very statistics and worst index of its contiguous copy."""
+    rng = np.random.RandomState(5)
+    t = rng.standard_normal((300, 257)).astype(np.float32)
+    p = np.ascontiguousarray(t.T) + rng.standard_normal((257, 300)).astype(np.float32) * np.float32(1e-6)
+    p[250, 7] += np.float32(0.5)
+    rv = compare_row(Row("backward", "param_grad", "w", "w", "w"), t.T, p, LayerTolerance(1e-3))
+    rc = compare_row(Row("backward", "param_grad", "w", "w", "w"), np.ascontiguousarray(t.T), p, LayerTolerance(1e-3))
+    assert not rv.passed and rv.worst_index == rc.worst_index == [250, 7]
+    assert (rv.max_abs, rv.scale, rv.max_rel) == (rc.max_abs, rc.scale, rc.max_rel)
+    assert rv.mean_abs == pytest.approx(rc.mean_abs, rel=1e-6) and rv.rms_rel == pytest.approx(rc.rms_rel, rel=1e-6)
