@@ -76,7 +76,7 @@ STATS_CHUNK = 1 << 18  # elements per float64 pass: temporaries stay in cache (a
 TILE = 128  # a transposing copy goes TILE x TILE at a time (64 KB of float32: both sides in L1/L2)
 
 
-def _is_transpose(x: np.ndarray) -> bool:
+def is_transpose(x: np.ndarray) -> bool:
     """A 2-D view whose transpose is C-contiguous: a torch weight seen in paddle's layout."""
     return x.ndim == 2 and not x.flags.c_contiguous and x.T.flags.c_contiguous
 
@@ -105,21 +105,21 @@ def row_blocks(a: np.ndarray, b: np.ndarray, chunk: int):
         return
     per_row = a.size // a.shape[0]
     step = max(1, chunk // max(per_row, 1))
-    tiled = a.ndim == 2 and (_is_transpose(a) or _is_transpose(b))
-    if tiled:
+    transposed = [x for x in (a, b) if is_transpose(x)]
+    if transposed:
         step = max(TILE, step // TILE * TILE)
-        bufs = {id(x): np.empty((min(step, x.shape[0]), x.shape[1]), x.dtype)
-                for x in (a, b) if _is_transpose(x)}
+    bufs = {id(x): np.empty((min(step, x.shape[0]), x.shape[1]), x.dtype) for x in transposed}
 
     def flat(x: np.ndarray, r0: int) -> np.ndarray:
         blk = x[r0:r0 + step]
         if blk.flags.c_contiguous:
             return blk.reshape(-1)
-        if tiled and id(x) in bufs:
-            buf = bufs[id(x)][:blk.shape[0]]
-            _tile_copy(buf, blk)
-            return buf.reshape(-1)
-        return np.ascontiguousarray(blk).reshape(-1)
+        buf = bufs.get(id(x))
+        if buf is None:
+            return np.ascontiguousarray(blk).reshape(-1)
+        buf = buf[:blk.shape[0]]
+        _tile_copy(buf, blk)
+        return buf.reshape(-1)
     for r0 in range(0, a.shape[0], step):
         yield r0 * per_row, flat(a, r0), flat(b, r0)
 

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .compare import Tolerance, compare, row_blocks
+from .compare import Tolerance, compare, is_transpose, row_blocks
 from .layermap import LayerMap
 
 RECENT = 16   # outputs kept per side to resolve references (a referenced output is within the worker's window of 16)
@@ -98,7 +98,7 @@ class HoldStore:
             fd, self._path = tempfile.mkstemp(prefix="layers-hold-", suffix=".bin",
                                               dir=str(self.spill_dir) if self.spill_dir else None)
             self._file = os.fdopen(fd, "w+b")
-        transposed = arr.ndim == 2 and not arr.flags.c_contiguous and arr.T.flags.c_contiguous
+        transposed = is_transpose(arr)
         a = arr.T if transposed else np.ascontiguousarray(arr)
         self._file.seek(0, os.SEEK_END)
         off = self._file.tell()
