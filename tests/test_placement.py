@@ -9,7 +9,7 @@ import pytest
 from conftest import ROOT, coordinator, fake_env, load_summary
 from coordinator.errors import ExitCode, UsageError
 from coordinator.placement import (check_device_flags, check_hello_gpus, determinism_report, device_env,
-                                   malloc_env, physical_gpu, same_host, worker_env)
+                                   handover_env, malloc_env, physical_gpu, same_host, worker_env)
 from coordinator.runner import choose_schedule, worker_threads
 from coordinator.security import is_loopback
 
@@ -104,6 +104,40 @@ def test_users_own_malloc_tuning_wins():
     assert malloc_env({"MALLOC_ARENA_MAX": "2"}) == {}
     assert malloc_env({"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=0"}) == {}
     assert malloc_env({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX"})
+
+
+def test_users_own_openmp_wait_setting_wins():
+    assert worker_env("paddle", "cpu", 2)["KMP_BLOCKTIME"] == handover_env({})["KMP_BLOCKTIME"]
+    assert handover_env({"KMP_BLOCKTIME": "200"}) == {} and handover_env({"OMP_WAIT_POLICY": "active"}) == {}
+
+
+SPIN = """
+import time, paddle
+x, w = paddle.randn([256, 768]), paddle.randn([768, 3072])
+for _ in range(20):
+    y = paddle.matmul(x, w)
+c = time.process_time()
+time.sleep(0.5)
+print(time.process_time() - c)
+"""
+
+
+@pytest.mark.frameworks
+@pytest.mark.timeout(180)
+def test_paddle_threads_stop_spinning_soon_after_a_request():
+    """In turns, paddle's idle OpenMP threads must not burn the cores torch has just been handed."""
+    import subprocess
+    from real_envs import env_python
+    py = env_python("paddle")
+    base = {"PATH": "/usr/bin:/bin", "GLOG_minloglevel": "2", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2"}
+
+    def idle_cpu(extra: dict[str, str]) -> float:
+        out = subprocess.run([str(py), "-c", SPIN], env={**base, **extra}, capture_output=True, text=True,
+                             timeout=120, check=True, cwd="/")
+        return float(out.stdout.split()[-1])
+    ours = idle_cpu(handover_env({}))
+    default = idle_cpu({})          # control: Intel OpenMP's default keeps a thread spinning 200 ms
+    assert ours < 0.05 < 0.1 < default, (ours, default)
 
 
 # -- devices ------------------------------------------------------------------------------------
