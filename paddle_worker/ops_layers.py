@@ -12,6 +12,7 @@ replayed on its own. Every hook and wrapper lives only inside ``_Capture``.
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 import types
@@ -288,7 +289,8 @@ class LayerOps:
         backward = bool(body.get("backward"))
         self._layer_calls: dict[str, tuple] = {}
         t0 = time.perf_counter()
-        cap_cm = _Capture(model, body.get("modules"), ctx.partial, backward, self._layer_calls,
+        send = functools.partial(ctx.partial, batch=True)  # a message per hook: batched (RequestContext.partial)
+        cap_cm = _Capture(model, body.get("modules"), send, backward, self._layer_calls,
                           bool(body.get("forward_events", True))) if body.get("hooks", True) else _NoHooks()
         with cap_cm as cap:
             reply: dict[str, Any] = {}

@@ -142,13 +142,20 @@ class FakeAdapter(Adapter):
 
     def op_tensors(self, body, ctx) -> dict:
         """Deterministic float32 tensors of the asked sizes (transport tests): ``sizes`` in
-        elements; ``stream`` sends each as a partial first; ``fail_after`` raises after encoding."""
+        elements; ``stream`` sends each as a partial first (``batch``: batched partials; ``pause``:
+        [i, seconds] sleeps after partial i; ``raise_after``: i fails after partial i);
+        ``unencodable`` fails after encoding."""
         out = {}
+        pause = body.get("pause") or [-1, 0]
         for i, n in enumerate(body.get("sizes", [])):
             a = (np.arange(int(n), dtype=np.float32) * 0.5 + i).astype(np.float32)
             if body.get("stream"):
                 time.sleep(float(body.get("delay", 0)))  # a slow side, for pacing tests
-                ctx.partial({"i": i, "t": a})
+                ctx.partial({"i": i, "t": a, "sent": time.time()}, batch=bool(body.get("batch")))
+                if i == pause[0]:
+                    time.sleep(pause[1])
+                if i == body.get("raise_after"):
+                    raise RuntimeError(f"failed after partial {i}")
             out[f"t{i}"] = a
         if body.get("unencodable"):
             out["bad"] = object()  # encode() fails after the arrays went into the ring

@@ -232,3 +232,47 @@ def test_ring_warm_op_populates_a_launched_workers_ring_and_refuses_a_bad_body(t
         with pytest.raises(WorkerFailed, match="torch worker failed in op 'ring_warm': ValueError: ring_warm wants"):
             s.request("torch", "ring_warm", {"bytes": "lots"})
         assert s.request("torch", "ping", {})["requests"] >= 3  # the worker carried on
+
+
+@pytest.mark.parametrize("batch", [True, False])
+@pytest.mark.timeout(60)
+def test_batched_partials_wait_for_company_and_arrive_in_order(tmp_path, monkeypatch, batch):
+    """Hooks send one small message per layer; batched, they are queued and sent together (at
+    BATCH messages, or at the next partial once the oldest waited BATCH_S, or when the op ends).
+    Three batched partials followed by a 1 s pause arrive only after it; the control (not
+    batched) arrives before. Nothing is lost or reordered, ring tensors and frames alike."""
+    monkeypatch.setenv("LOCKSTEP_BATCH_S", "0.5")   # the first three are queued well within it
+    import time
+    from conftest import FAKE
+    from coordinator.session import Session, WorkerSpec
+    from protocol.worker import BATCH
+    sizes = [1 << 18, 100, 3 << 18] + [1 << 16] * (BATCH + 5)  # ring, frame, ring, then enough to fill a batch
+    got: list[tuple[int, float]] = []
+    arrays = {}
+
+    def on_partial(name, b):
+        got.append((b["i"], time.time()))
+        arrays[b["i"]] = b["t"]
+    with Session(tmp_path / "run") as s:
+        s.launch(WorkerSpec("torch", [sys.executable, FAKE, "torch"], framework="torch"))
+        s.wait_hello(timeout=30)
+        t0 = time.time()
+        s.request("torch", "tensors", {"sizes": sizes, "stream": True, "batch": batch, "pause": [2, 1.0]},
+                  on_partial=on_partial)
+        assert [i for i, _ in got] == list(range(len(sizes)))
+        for i, n in enumerate(sizes):
+            np.testing.assert_array_equal(arrays[i], (np.arange(n, dtype=np.float32) * 0.5 + i).astype(np.float32))
+        first_three = max(t for i, t in got[:3]) - t0
+        if batch:
+            assert first_three >= 1.0, first_three
+        else:
+            assert first_three < 0.9, first_three
+
+        got.clear()   # a failing op: what it queued arrives before the error, and its pages come back
+        with pytest.raises(Exception, match="failed after partial 2"):
+            s.request("torch", "tensors", {"sizes": sizes, "stream": True, "batch": batch, "raise_after": 2},
+                      on_partial=on_partial)
+        assert [i for i, _ in got] == [0, 1, 2]
+        arrays.clear()
+        gc.collect()
+        assert s.workers["torch"].ring.in_use_bytes() == 0

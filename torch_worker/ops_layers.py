@@ -11,6 +11,7 @@ during the last capture (attention masks and the like), optionally backward too.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import OrderedDict
 from typing import Any, Callable
@@ -221,7 +222,8 @@ class LayerOps:
         backward = bool(body.get("backward"))
         self._layer_calls: dict[str, tuple] = {}
         t0 = time.perf_counter()
-        cap_cm = _Capture(model, body.get("modules"), ctx.partial, backward, self._layer_calls,
+        send = functools.partial(ctx.partial, batch=True)  # a message per hook: batched (RequestContext.partial)
+        cap_cm = _Capture(model, body.get("modules"), send, backward, self._layer_calls,
                           bool(body.get("forward_events", True))) if body.get("hooks", True) else _NoHooks()
         with cap_cm as cap:
             reply: dict[str, Any] = {}
