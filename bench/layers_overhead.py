@@ -6,10 +6,11 @@ same ``capture_layers`` pass with ``hooks: false`` (the plain pass, the baseline
 every mapped layer hooked and streamed, forward and forward+backward, and the whole live
 comparison as the step does it (both workers, the coordinator diffing as tensors arrive).
 
-    .venv/bin/python bench/layers_overhead.py [--reps 3] [--threads 2] [--layers 12] [--out DIR]
+    .venv/bin/python bench/layers_overhead.py [--reps 3] [--threads 2] [--layers 12] [--out DIR] [--smoke]
 
 Reported: worker-side seconds (min over reps: the machine is shared, the minimum is the
-least disturbed), overhead in percent, the coordinator's held/spilled bytes and its peak RSS.
+least disturbed), overhead in percent (mins against mins, and the median of the ratios paired
+within each repetition), the coordinator's held/spilled bytes and its peak RSS.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -93,7 +95,10 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--hold-mib", type=float, default=None, help="layers_hold_mib (default: the run's default)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--smoke", action="store_true", help="CI: 1 layer, 1 rep, batch 1 x 8 (still runs)")
     a = ap.parse_args()
+    if a.smoke:
+        a.layers, a.reps, a.batch, a.seq = 1, 1, 1, 8
     out = a.out or Path(tempfile.mkdtemp(prefix="lockstep-bench-layers-"))
     ckpt = Path(tempfile.gettempdir()) / f"lockstep-bert-base-random-{a.layers}"
     make_checkpoint(ckpt, a.layers)
@@ -182,6 +187,13 @@ def summarize(res: dict) -> dict:
         "held_peak_mib_fwd": round(max(r["held_peak_bytes"] for r in live["live_fwd"]) / 2**20, 1),
         "held_peak_mib_bwd": round(max(r["held_peak_bytes"] for r in live["live_bwd"]) / 2**20, 1),
         "spilled_mib": round(max(r["spilled_bytes"] for r in live["live_fwd"] + live["live_bwd"]) / 2**20, 1)}
+    # Paired within each repetition (the live step against the plain passes of the same rep, run
+    # seconds apart): the machine's drift between reps (+-30 % here) cancels out of each ratio.
+    for phase, plain in (("fwd", "fwd_plain"), ("bwd", "bwd_plain")):
+        ratios = [r["wall"] / (res["torch"][plain][i]["worker"] + res["paddle"][plain][i]["worker"]) - 1
+                  for i, r in enumerate(live["live_" + phase])]
+        s["live"][f"{phase}_vs_plain_pct_paired"] = [round(100 * x, 1) for x in ratios]
+        s["live"][f"{phase}_vs_plain_pct_paired_median"] = round(100 * statistics.median(ratios), 1)
     return s
 
 

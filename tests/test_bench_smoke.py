@@ -49,3 +49,14 @@ def test_workflow_smoke() -> None:
 def test_memory_smoke() -> None:
     out = smoke("memory.py")
     assert "coordinator peak RSS MiB" in out and "lr" in out
+
+
+@pytest.mark.frameworks
+@pytest.mark.timeout(240)
+def test_layers_overhead_smoke() -> None:
+    import json
+    out = smoke("layers_overhead.py")
+    summary = json.loads(out[out.index("{"):])
+    assert summary["live"]["failed_rows"] == [0, 0]       # forward and backward compared, all aligned
+    assert summary["live"]["rows_fwd"] > 0 and summary["torch"]["events_fwd"] > 0
+    assert "fwd_vs_plain_pct_paired_median" in summary["live"]
