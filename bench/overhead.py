@@ -95,7 +95,7 @@ def main() -> None:
         def run_alone(k: int) -> None:
             alone.append(plain(Path(d) / f"p{k}", steps))
 
-        def run_tuned(k: int) -> None:  # the same scripts with the malloc settings lockstep gives its workers
+        def run_tuned(k: int) -> None:  # the same scripts with the settings lockstep gives its workers
             tuned.append(plain(Path(d) / f"m{k}", steps, malloc_env(), "alone+malloc"))
 
         def run_coordinator(k: int) -> None:

@@ -187,30 +187,11 @@ def tune_own_malloc() -> bool:
         return False
 
 
-# Intel OpenMP (paddle's CPU kernels: MKL, oneDNN) keeps a finished parallel region's threads
-# spinning for KMP_BLOCKTIME (default 200 ms) in case more work comes. When the workers take turns
-# on the same cores, that is 200 ms of paddle spinning on the cores torch has just been handed:
-# measured 0.2 CPU-s burnt after every paddle request on the reference VM, 0.01 with 10 ms.
-# 10 ms still covers the gaps between the ops of one pass (KMP_BLOCKTIME=0 slowed paddle's
-# BERT-base forward from 1.66 s to 1.8-1.9 s). torch's libgomp already sleeps within ~1 ms.
-HANDOVER_ENV = {"KMP_BLOCKTIME": "10"}
-
-
-def handover_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """HANDOVER_ENV, unless the user's environment already says how idle OpenMP threads wait."""
-    environ = os.environ if environ is None else environ
-    if "KMP_BLOCKTIME" in environ or "OMP_WAIT_POLICY" in environ:
-        return {}
-    return dict(HANDOVER_ENV)
-
-
 def worker_env(name: str, device: str, threads: int) -> dict[str, str]:
     """Everything a worker's environment needs from us: offline hubs, its device, its thread
-    count, malloc settings that keep freed memory in the process, and OpenMP threads that stop
-    spinning soon after a request (the other worker may need the cores)."""
+    count, and malloc settings that keep freed memory in the process."""
     env = dict(BASE_WORKER_ENV)
     env.update(device_env(name, device))
     env.update({"LOCKSTEP_THREADS": str(threads), "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)})
     env.update(malloc_env())
-    env.update(handover_env())
     return env

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import paddle
@@ -104,6 +104,39 @@ def _determinism() -> dict[str, Any]:
 
 
 
+def omp_rester(device: str) -> Callable[[], None] | None:
+    """A function that puts Intel OpenMP's idle threads to sleep now, or None.
+
+    Paddle's CPU kernels (MKL, oneDNN) run on Intel OpenMP, whose threads keep spinning for
+    KMP_BLOCKTIME (default 200 ms) after every parallel region in case more work comes. When
+    the workers take turns on the same cores, that is paddle spinning on the cores torch has
+    just been handed: 0.2 CPU-seconds after every request on the reference VM. A shorter
+    KMP_BLOCKTIME for the whole worker stops that but slows paddle's own passes (10 ms: its
+    BERT-base backward +3-6 %, three A/B pairs; 0: its forward 1.66 -> 1.8-1.9 s), so instead,
+    after each reply, one tiny parallel region runs with blocktime 0 (its threads go to sleep
+    at its end; ~0.3 ms) and the blocktime is set back. None when the user set KMP_BLOCKTIME or
+    OMP_WAIT_POLICY (theirs wins), off a CPU device, or without libiomp5.
+    """
+    if not device.startswith("cpu") or "KMP_BLOCKTIME" in os.environ or "OMP_WAIT_POLICY" in os.environ:
+        return None
+    import ctypes
+    try:
+        lib = ctypes.CDLL("libiomp5.so", mode=os.RTLD_NOLOAD | os.RTLD_LAZY)   # only if paddle loaded it
+        get_bt, set_bt = lib.kmp_get_blocktime, lib.kmp_set_blocktime
+    except (OSError, AttributeError):
+        return None
+    a, b = paddle.ones([64, 128], dtype="float32"), paddle.ones([128, 128], dtype="float32")
+
+    def rest() -> None:
+        old = get_bt()
+        set_bt(0)
+        try:
+            paddle.matmul(a, b)
+        finally:
+            set_bt(old)
+    return rest
+
+
 def _discover_mixins() -> tuple[type, ...]:
     """Feature ops live in ``ops_*.py`` modules of this package, each exporting ``OPS = (SomeOps, ...)``."""
     import importlib
@@ -123,6 +156,7 @@ class PaddleAdapter(*_MIXINS, Adapter):
 
     def __init__(self) -> None:
         self.device, self.threads = _configure()
+        self.after_op = omp_rester(self.device)
         self.model: Any = None
         self.model_info: dict[str, Any] = {}
         self.inject: list[str] = []   # deliberate bugs for negative controls, set by load_model

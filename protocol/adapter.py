@@ -19,6 +19,7 @@ from .worker import RequestContext, serve
 
 class Adapter:
     framework: str = "?"
+    after_op: Callable[[], None] | None = None   # run after each op's reply is sent (off its clock)
 
     def hello(self) -> dict[str, Any]:
         """Versions and device, sent once in the HELLO handshake."""
@@ -45,7 +46,7 @@ def main(adapter_factory: Callable[[], Adapter], name: str) -> int:
     curve = _read_curve_file(args.curve_keys) if args.curve_keys else None
     adapter = adapter_factory()
     return serve(args.name, args.connect, adapter.handlers(), adapter.hello(), curve=curve,
-                 parent_pid=args.parent_pid)
+                 parent_pid=args.parent_pid, after_op=adapter.after_op)
 
 
 def _read_curve_file(path: str) -> dict[str, bytes]:

@@ -28,7 +28,22 @@ Handler = Callable[[Any, "RequestContext"], Any]
 PROFILE = bool(os.environ.get("LOCKSTEP_PROFILE"))  # per-op handler/encode seconds in the worker log
 PACE_WAIT_S = 60.0  # a paced worker waiting this long for a credit stops pacing (never deadlocks)
 BATCH = 16           # batched partials queued at most before they are sent together
-BATCH_S = float(os.environ.get("LOCKSTEP_BATCH_S", "0.02") or 0.02)  # ... or the oldest waited this long
+
+
+def _batch_seconds(raw: str | None) -> float:
+    """``LOCKSTEP_BATCH_S``: how long a batched partial may wait for company (0: none)."""
+    try:
+        value = float(raw) if raw not in (None, "") else 0.02
+        if value >= 0:
+            return value
+    except ValueError:
+        pass
+    print(f"lockstep: LOCKSTEP_BATCH_S={raw!r} is not a number of seconds >= 0; using 0.02",
+          file=sys.stderr, flush=True)
+    return 0.02
+
+
+BATCH_S = _batch_seconds(os.environ.get("LOCKSTEP_BATCH_S"))  # ... or the oldest waited this long
 
 
 class RequestContext:
@@ -152,11 +167,14 @@ def watch_parent(name: str, parent_pid: int | None, interval: float = 0.5) -> No
 
 
 def serve(name: str, endpoint: str, handlers: dict[str, Handler], hello: dict[str, Any],
-          curve: dict[str, bytes] | None = None, parent_pid: int | None = None) -> int:
+          curve: dict[str, bytes] | None = None, parent_pid: int | None = None,
+          after_op: Callable[[], None] | None = None) -> int:
     """Run the worker until a ``shutdown`` request, or the parent coordinator dies.
 
     ``curve`` (optional) holds ``public``, ``secret`` and ``server`` keys (z85 bytes)
-    for an encrypted, authenticated TCP connection.
+    for an encrypted, authenticated TCP connection. ``after_op`` runs after each handled op's
+    reply is sent (the paddle worker puts its OpenMP threads to sleep there); if it fails, it
+    is reported once in the log and not called again.
     """
     if hasattr(signal, "SIGUSR1"):
         # The coordinator sends SIGUSR1 to a hung worker to get its Python stacks in the log.
@@ -198,9 +216,16 @@ def serve(name: str, endpoint: str, handlers: dict[str, Handler], hello: dict[st
                 continue  # pacing credit for an op that has finished: no reply expected
             counters["requests"] += 1
             try:
-                _dispatch(sock, name, handlers, msg, counters, ring, pending)
+                handled = _dispatch(sock, name, handlers, msg, counters, ring, pending)
             except _Shutdown:
                 return 0
+            if handled and after_op is not None:
+                try:
+                    after_op()
+                except Exception as exc:  # housekeeping: never the op's failure
+                    print(f"[{name}] after-op hook failed, not called again: {type(exc).__name__}: {exc}",
+                          file=sys.stderr, flush=True)
+                    after_op = None
     finally:
         sock.close(linger=2000)
         if ring is not None:
@@ -220,7 +245,8 @@ def _ring_warm(ring: shm.RingWriter | None, body: Any) -> dict:
 
 
 def _dispatch(sock: zmq.Socket, name: str, handlers: dict[str, Handler], msg: Any, counters: dict,
-              ring: shm.RingWriter | None = None, pending: list | None = None) -> None:
+              ring: shm.RingWriter | None = None, pending: list | None = None) -> bool:
+    """Answer one request; True when a handler ran (not for the built-in ops or an unknown op)."""
     if ring is not None:
         counters.update(shm_tensors=ring.tensors, shm_bytes=ring.bytes, shm_full=ring.full)
     if msg.op == "shutdown":
@@ -228,19 +254,19 @@ def _dispatch(sock: zmq.Socket, name: str, handlers: dict[str, Handler], msg: An
         raise _Shutdown
     if msg.op == "ping":
         sock.send_multipart(encode("reply", msg.id, msg.op, {"t": time.time(), **counters}))
-        return
+        return False
     if msg.op == "ring_warm":
         try:
             sock.send_multipart(encode("reply", msg.id, msg.op, _ring_warm(ring, msg.body)))
         except ValueError as exc:
             sock.send_multipart(encode("error", msg.id, msg.op, RemoteError.from_exception(exc, name, msg.op).to_body()))
-        return
+        return False
     handler = handlers.get(msg.op)
     if handler is None:
         err = RemoteError("UnknownOp", f"{name} worker has no op {msg.op!r} (has: {', '.join(sorted(handlers))})",
                           "", name, msg.op)
         sock.send_multipart(encode("error", msg.id, msg.op, err.to_body()))
-        return
+        return False
     body = msg.body if msg.body is not None else {}
     pace = body.pop("_pace", 0) if isinstance(body, dict) else 0
     rctx = RequestContext(sock, msg.id, msg.op, ring, pace if isinstance(pace, int) else 0, pending)
@@ -260,3 +286,4 @@ def _dispatch(sock: zmq.Socket, name: str, handlers: dict[str, Handler], msg: An
         frames = encode("error", msg.id, msg.op, err.to_body())
         rctx.flush()  # its partials hold ring pages the coordinator releases when it reads them
     sock.send_multipart(frames, copy=False)
+    return True

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 from conftest import ROOT, coordinator, fake_env, load_summary
 from coordinator.errors import ExitCode, UsageError
 from coordinator.placement import (check_device_flags, check_hello_gpus, determinism_report, device_env,
-                                   handover_env, malloc_env, physical_gpu, same_host, worker_env)
+                                   malloc_env, physical_gpu, same_host, worker_env)
 from coordinator.runner import choose_schedule, worker_threads
 from coordinator.security import is_loopback
 
@@ -106,38 +107,47 @@ def test_users_own_malloc_tuning_wins():
     assert malloc_env({"GLIBC_TUNABLES": "glibc.cpu.hwcaps=-AVX"})
 
 
-def test_users_own_openmp_wait_setting_wins():
-    assert worker_env("paddle", "cpu", 2)["KMP_BLOCKTIME"] == handover_env({})["KMP_BLOCKTIME"]
-    assert handover_env({"KMP_BLOCKTIME": "200"}) == {} and handover_env({"OMP_WAIT_POLICY": "active"}) == {}
-
-
-SPIN = """
-import time, paddle
+REST = """
+import os, sys, time
+import paddle
+from paddle_worker.adapter import omp_rester
 x, w = paddle.randn([256, 768]), paddle.randn([768, 3072])
-for _ in range(20):
-    y = paddle.matmul(x, w)
-c = time.process_time()
-time.sleep(0.5)
-print(time.process_time() - c)
+
+def idle_cpu(after):
+    for _ in range(20):
+        paddle.matmul(x, w)
+    after()
+    c = time.process_time()
+    time.sleep(0.5)
+    return time.process_time() - c
+rest = omp_rester(sys.argv[1])
+print(rest is not None, idle_cpu(rest or (lambda: None)), idle_cpu(lambda: None), idle_cpu(rest or (lambda: None)))
 """
 
 
 @pytest.mark.frameworks
 @pytest.mark.timeout(180)
-def test_paddle_threads_stop_spinning_soon_after_a_request():
-    """In turns, paddle's idle OpenMP threads must not burn the cores torch has just been handed."""
+def test_paddle_threads_sleep_after_each_op_unless_the_user_says_otherwise():
+    """In turns, paddle's idle OpenMP threads must not spin on the cores torch has just been handed
+    (Intel OpenMP spins 200 ms after each parallel region by default: the control)."""
     import subprocess
     from real_envs import env_python
+    from coordinator import envs
     py = env_python("paddle")
-    base = {"PATH": "/usr/bin:/bin", "GLOG_minloglevel": "2", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2"}
+    site = envs.worker_site(Path("/tmp") / "lockstep-test-site-paddle", "paddle_worker")
+    base = {"PATH": "/usr/bin:/bin", "GLOG_minloglevel": "2", "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "2",
+            "PYTHONPATH": str(site)}
 
-    def idle_cpu(extra: dict[str, str]) -> float:
-        out = subprocess.run([str(py), "-c", SPIN], env={**base, **extra}, capture_output=True, text=True,
-                             timeout=120, check=True, cwd="/")
-        return float(out.stdout.split()[-1])
-    ours = idle_cpu(handover_env({}))
-    default = idle_cpu({})          # control: Intel OpenMP's default keeps a thread spinning 200 ms
-    assert ours < 0.05 < 0.1 < default, (ours, default)
+    def run(device: str, **extra: str) -> list[str]:
+        out = subprocess.run([str(py), "-c", REST, device], env={**base, **extra}, capture_output=True, text=True,
+                             timeout=120, cwd="/")
+        assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.split()
+    found, rested, spun, rested_again = run("cpu")
+    assert found == "True" and float(rested) < 0.05 < 0.1 < float(spun), (rested, spun)
+    assert float(rested_again) < 0.05          # the blocktime was set back, and resting works every time
+    assert run("cpu", KMP_BLOCKTIME="200")[0] == "False"    # the user's setting wins
+    assert run("gpu:0")[0] == "False"                       # only CPU workers
 
 
 # -- devices ------------------------------------------------------------------------------------

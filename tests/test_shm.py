@@ -276,3 +276,10 @@ def test_batched_partials_wait_for_company_and_arrive_in_order(tmp_path, monkeyp
         arrays.clear()
         gc.collect()
         assert s.workers["torch"].ring.in_use_bytes() == 0
+
+
+def test_batch_wait_setting_is_checked():
+    from protocol.worker import _batch_seconds
+    assert _batch_seconds(None) == _batch_seconds("") == 0.02
+    assert _batch_seconds("0") == 0.0 and _batch_seconds("0.5") == 0.5
+    assert _batch_seconds("soon") == 0.02 and _batch_seconds("-1") == 0.02   # named on stderr, default kept
