@@ -151,7 +151,7 @@ class FakeAdapter(Adapter):
             a = (np.arange(int(n), dtype=np.float32) * 0.5 + i).astype(np.float32)
             if body.get("stream"):
                 time.sleep(float(body.get("delay", 0)))  # a slow side, for pacing tests
-                ctx.partial({"i": i, "t": a, "sent": time.time()}, batch=bool(body.get("batch")))
+                ctx.partial({"i": i, "t": a}, batch=bool(body.get("batch")))
                 if i == pause[0]:
                     time.sleep(pause[1])
                 if i == body.get("raise_after"):

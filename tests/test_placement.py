@@ -108,7 +108,7 @@ def test_users_own_malloc_tuning_wins():
 
 
 REST = """
-import os, sys, time
+import sys, time
 import paddle
 from paddle_worker.adapter import omp_rester
 x, w = paddle.randn([256, 768]), paddle.randn([768, 3072])
