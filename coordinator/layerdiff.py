@@ -276,9 +276,9 @@ def compare_row(row: Row, ref: Any, got: Any, tol: LayerTolerance, floor: float 
     denom = max(row.scale, floor)
     row.norm_err = row.max_abs / denom if denom > 0 else row.max_abs
     row.passed = bool(np.isfinite(row.norm_err) and row.norm_err <= tol.threshold)
-    if st is not None and not row.passed:   # the max relative error: for the rows that fail
-        row.max_rel = _chunked_stats(ref, got)["max_rel"]
     if not row.passed:
+        if st is not None:                 # the max relative error: for the rows that fail
+            row.max_rel = _chunked_stats(ref, got)["max_rel"]
         where = f" at {row.worst_index}" if row.worst_index is not None else ""
         row.reason = (f"max|diff| {row.max_abs:.3e}{where} is {row.norm_err:.2e} of max|torch| "
                       f"{denom:.3e} > {tol.threshold:g}")
