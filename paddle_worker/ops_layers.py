@@ -74,7 +74,8 @@ def _call_record(slot: tuple[str, Any] | None, args: tuple, kwargs: dict) -> tup
 
 
 def _key(t: Any) -> tuple:
-    return (t.data_ptr(), tuple(t.shape), tuple(getattr(t, "strides", ()) or ()), str(t.dtype))
+    # the dtype object itself (hashable): str() of it costs ~1 us in paddle 3, on every hook
+    return (t.data_ptr(), tuple(t.shape), tuple(getattr(t, "strides", ()) or ()), t.dtype)
 
 
 def function_attrs(model: paddle.nn.Layer) -> list[tuple[str, paddle.nn.Layer, str, Callable]]:

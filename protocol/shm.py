@@ -218,14 +218,14 @@ class RingWriter(_Ring):
         if n < MIN_BYTES or n > self.size:
             return None
         need = math.ceil(n / PAGE)
-        free = np.concatenate(([0], (self.pagemap == 0).view(np.int8), [0]))
-        edges = np.diff(free)
-        starts, ends = np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
-        fits = np.flatnonzero(ends - starts >= need)
-        if not fits.size:
+        # First fit: the lowest run of ``need`` free (0) pages. One substring search over a
+        # snapshot of the map (16 KB for 1 GiB) costs ~2 us for a BERT-sized tensor, the numpy
+        # run-length scan it replaced ~25 us. The coordinator only ever frees pages meanwhile, so a
+        # snapshot can miss a run freed just now, never hand out one in use.
+        first = self.pagemap.tobytes().find(bytes(need))
+        if first < 0:
             self.full += 1
             return None
-        first = int(starts[fits[0]])
         self.pagemap[first:first + need] = 1
         offset = first * PAGE
         if offset + n > self.touched:

@@ -64,6 +64,24 @@ def test_pages_come_back_when_the_last_view_dies(ring):
     assert reader.in_use_bytes() == MIB  # reused from the first page
 
 
+def test_first_fit_takes_the_lowest_hole_that_is_big_enough(ring):
+    reader, writer = ring
+    page = shm.PAGE
+    held = [roundtrip(writer, reader, {"a": np.full(n * page, i, np.uint8)})[1]
+            for i, n in enumerate((2, 1, 3, 2))]            # pages [0,2) [2,3) [3,6) [6,8)
+    offsets = [int(m.body["a"].ctypes.data - reader.data.ctypes.data) for m in held]
+    assert offsets == [0, 2 * page, 3 * page, 6 * page]
+    del held[2], held[0]                                    # holes: 2 pages at 0, 3 pages at 3
+    gc.collect()
+    _, three = roundtrip(writer, reader, {"a": np.full(3 * page, 7, np.uint8)})
+    _, two = roundtrip(writer, reader, {"a": np.full(2 * page, 8, np.uint8)})
+    _, more = roundtrip(writer, reader, {"a": np.full(2 * page, 9, np.uint8)})
+    at = lambda m: int(m.body["a"].ctypes.data - reader.data.ctypes.data) // page  # noqa: E731
+    assert (at(three), at(two), at(more)) == (3, 0, 8)       # the 2-page hole was too small for 3
+    for m, v in ((three, 7), (two, 8), (more, 9), (held[0], 1), (held[1], 3)):
+        assert (m.body["a"] == v).all()
+
+
 def test_a_full_ring_falls_back_to_frames_and_nothing_is_lost(ring):
     reader, writer = ring
     held = [roundtrip(writer, reader, {"a": np.full(MIB // 4, i, np.float32)})[1] for i in range(4)]
