@@ -75,12 +75,32 @@ def envs_check(env_set: str) -> None:
 
 
 # -- run ---------------------------------------------------------------------------------
-def _parse_steps(text: str) -> list[str]:
+def _parse_steps_all(text: str) -> tuple[list[str], bool]:
+    """The step names, and whether they came from ``all`` (every step that exists)."""
     from .steps import STEPS
+    from .errors import UsageError
     names = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in names if s not in STEPS and s != "all"]
+    if unknown or not names:  # before anything is created: no empty run directory for a typo
+        raise UsageError(f"unknown step(s) {', '.join(unknown) or repr(text)} (known: {', '.join(STEPS)}, all)")
     if "all" in names:
-        return list(STEPS)
-    return names
+        return list(STEPS), True
+    return names, False
+
+
+def _unsupported(steps: list[str], from_all: bool, kw: dict) -> dict[str, str]:
+    """Steps the models cannot do: to skip (said, and kept in summary.json) under ``--steps all``;
+    refused with exit 2, before anything is created, when asked for by name."""
+    from types import SimpleNamespace
+
+    from .errors import UsageError
+    from .modelspec import unsupported_steps
+    skip = unsupported_steps(SimpleNamespace(torch_model=kw["torch_model"], paddle_model=kw["paddle_model"]), steps)
+    if skip and not from_all:
+        name, why = next(iter(skip.items()))
+        raise UsageError(f"step {name!r} cannot run on this model: {why} (docs/own-model.md lists the steps "
+                         f"a factory model supports)")
+    return skip
 
 
 def _worker_specs(opts, no_create: bool, say) -> dict:
@@ -205,7 +225,9 @@ def run(**kw) -> None:
     console = _console()
     say = lambda s: console.print(s, markup=False)  # noqa: E731
     try:
-        steps = _parse_steps(kw["steps"])
+        steps, from_all = _parse_steps_all(kw["steps"])
+        skipped = _unsupported(steps, from_all, kw)
+        steps = [s for s in steps if s not in skipped]
         out = kw["out"] or _fresh_run_dir(Path("runs"))
         if out.exists() and any(out.iterdir()) and (out / "summary.json").exists():
             out = out / time.strftime("%H%M%S")
@@ -231,12 +253,17 @@ def run(**kw) -> None:
                           threads=kw["threads"], env_set=env_set, torch_device=kw["torch_device"],
                           paddle_device=kw["paddle_device"], fail_fast=kw["fail_fast"], deadlines=deadlines)
         opts.interrupt_grace = kw["interrupt_grace"]
+        opts.params_given = {k for k in params if k in _given_params(kw)}
         opts.listen, opts.allow_shared_gpu = kw["listen"], kw["allow_shared_gpu"]
         opts.torch_path, opts.paddle_path = list(kw["torch_path"]), list(kw["paddle_path"])
         opts.out.mkdir(parents=True, exist_ok=True)
         say(f"lockstep run -> {opts.out}")
+        for name, why in skipped.items():
+            say(f"step {name} skipped: {why}")
         specs = _remote_specs() if opts.listen else _worker_specs(opts, kw["no_create"], say)
         header = {"options": _options_json(opts)}
+        if skipped:
+            header["steps_skipped"] = skipped
         code, summary = do_run(opts, specs, say, header=header, server_curve=server_curve)
         _print_table(console, summary.data)
         say(f"verdict: {ExitCode.DESCRIPTIONS.get(code, code)}  (exit {code}; report {opts.out / 'summary.json'})")
@@ -299,6 +326,13 @@ def _parse_params(kw) -> dict:
     return resolve(over)
 
 
+def _given_params(kw) -> set[str]:
+    """Hyper-parameters the user set (options or --param), as opposed to defaults."""
+    given = {k for k in ("lr", "warmup", "total_steps", "iters", "epochs", "batch_size", "dropout", "data")
+             if kw.get(k) is not None}
+    return given | {item.partition("=")[0] for item in kw["params"]}
+
+
 def _check_devices(td: str, pd: str, allow_shared: bool) -> None:
     """Valid device strings; one GPU for both only with --allow-shared-gpu (UUIDs are checked after HELLO)."""
     from .placement import check_device_flags
@@ -308,6 +342,7 @@ def _check_devices(td: str, pd: str, allow_shared: bool) -> None:
 def _options_json(opts) -> dict:
     d = {k: v for k, v in vars(opts).items() if k not in ("worker_argv", "worker_env")}
     d["out"] = str(opts.out)
+    d["params_given"] = sorted(opts.params_given)
     d["tolerances"] = {k: v.describe() for k, v in opts.tolerances.items()}
     return d
 

@@ -46,9 +46,9 @@ def layer_map(rc: RunContext) -> LayerMap:
 
 
 def seeded_labels(rc: RunContext, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    n = next(iter(inputs.values())).shape[0]
-    k = int(rc.model_info.get("torch", {}).get("config", {}).get("num_labels", 2) or 2)
-    return np.random.RandomState(rc.opts.seed + 3).randint(0, k, (n,)).astype(np.int64)
+    """The backward pass's labels (``steps.common.training_labels``; a factory's own come first)."""
+    from .steps.common import training_labels
+    return training_labels(rc, inputs, seed_offset=3)
 
 
 @dataclass

@@ -24,6 +24,26 @@ def is_factory(spec: str) -> bool:
     return ":" in spec
 
 
+# Steps that need one of the BERT presets (a tokenizer, a text classifier), and why.
+PRESET_ONLY = {
+    "data": "tokenizes the demo sentences with the model's tokenizer and checks the collators",
+    "train": "fine-tunes a text classifier on the demo data",
+    "perf": "times training steps on token-id batches",
+}
+
+
+def unsupported_steps(opts: Any, steps: list[str]) -> dict[str, str]:
+    """Steps of ``steps`` this run's models cannot do, each with the reason (empty for presets).
+
+    Known from the specs alone, so a run refuses (or, for ``--steps all``, skips) them before
+    any worker starts."""
+    factories = [s for s in (opts.torch_model, opts.paddle_model) if is_factory(s)]
+    if not factories:
+        return {}
+    return {s: f"it {PRESET_ONLY[s]}: BERT presets (minilm, bert) only, and this run's model is the "
+               f"factory {factories[0]!r}" for s in steps if s in PRESET_ONLY}
+
+
 def sys_path(opts: Any, side: str) -> list[str]:
     """Directories the worker puts first on sys.path before importing a factory: --<side>-path, then cwd."""
     dirs = list(getattr(opts, f"{side}_path", None) or [])

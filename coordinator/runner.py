@@ -44,6 +44,16 @@ class StepResult:
                 "diffs": [d.to_json() for d in self.diffs], "details": _jsonable(self.details)}
 
 
+def _first_layer(details: dict[str, Any]) -> dict[str, Any]:
+    """The layers step's first failing row (forward before backward) as label and reason."""
+    for phase in ("forward", "backward"):
+        first = (details.get(phase) or {}).get("first") if isinstance(details.get(phase), dict) else None
+        if isinstance(first, dict) and first.get("key"):
+            return {"label": f"{phase} {first['what']} {first['torch']} <-> {first['paddle']}",
+                    "reason": first.get("reason")}
+    return {}
+
+
 def _jsonable(x: Any) -> Any:
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}
@@ -80,6 +90,7 @@ class RunOptions:
     paddle_device: str = "cpu"
     fail_fast: bool = False
     params: dict[str, Any] = field(default_factory=dict)   # step hyper-parameters (lr, warmup, ...)
+    params_given: set[str] = field(default_factory=set)    # those set on the command line (not defaults)
     worker_argv: dict[str, list[str]] = field(default_factory=dict)
     worker_env: dict[str, dict[str, str]] = field(default_factory=dict)
     deadlines: dict[str, float] = field(default_factory=dict)
@@ -179,9 +190,11 @@ class Summary:
         self.data["steps"].append(result.to_json())
         if not result.passed and "first_failure" not in self.data:
             bad = next((d for d in result.diffs if not d.passed), None)
+            first = _first_layer(result.details)   # the layers step: the first divergent layer
             self.data["first_failure"] = {"step": result.name,  # (a failed TensorDiff is falsy)
-                                          "tensor": bad.name if bad is not None else None,
-                                          "reason": bad.reason if bad is not None else result.message}
+                                          "tensor": bad.name if bad is not None else first.get("label"),
+                                          "reason": bad.reason if bad is not None else
+                                          first.get("reason") or result.message}
         self.event("step", **result.to_json())
         self.write()
 

@@ -284,6 +284,7 @@ class LayerOps:
     def op_capture_layers(self, body: dict, ctx: Any) -> dict:
         """See the torch twin: forward (and one backward) with hooks, every tensor a partial reply."""
         from . import models
+        from .ops_train import training_loss
         model = self._need_model()
         model.eval()
         inputs = {k: from_numpy(v) for k, v in body["inputs"].items()}
@@ -301,7 +302,8 @@ class LayerOps:
                 model.clear_gradients()
                 out = models.forward(model, self.model_info, inputs)
                 labels = from_numpy(body["labels"])
-                loss = paddle.nn.functional.cross_entropy(out["logits"], labels)
+                loss = training_loss(out, labels, self.model_info, models, model, inputs,
+                                     paddle.nn.functional.cross_entropy)   # a factory's own loss, if any
                 ctx.partial({"ev": "loss", "seq": cap._next(), "tensor": _owned(loss)})
                 loss.backward()
                 reply["loss"] = float(loss.detach())

@@ -73,6 +73,8 @@ class StageOps:
         model = self._need_model()
         model.eval()
         inputs = {k: from_numpy(v) for k, v in body["inputs"].items()}
+        if self.model_info.get("kind") == "factory":   # labels as the factory declared them (any dtype)
+            return self._factory_loss(model, inputs, from_numpy(np.asarray(body["labels"])))
         labels = paddle.to_tensor(np.asarray(body["labels"], dtype=np.int64))
         if "label_shift" in inject:
             labels = paddle.roll(labels, 1)
@@ -82,6 +84,18 @@ class StageOps:
             per_sample = paddle.nn.CrossEntropyLoss(reduction="none")(logits, labels)
         return {"loss": to_numpy(loss.reshape([1])), "loss_per_sample": to_numpy(per_sample.reshape([-1])),
                 "logits": to_numpy(logits)}
+
+    def _factory_loss(self, model: Any, inputs: dict, labels: Any) -> dict:
+        """A factory model's training loss (its own ``loss``, else cross-entropy on its single
+        output, as backward uses it), eval mode, no grad; with the named outputs it was taken on."""
+        from . import models
+        from .ops_train import training_loss
+        with paddle.no_grad():
+            outputs = models.forward(model, self.model_info, inputs)
+            loss = training_loss(outputs, labels, self.model_info, models, model, inputs,
+                                 paddle.nn.functional.cross_entropy)
+        return {"loss": to_numpy(paddle.to_tensor(loss).reshape([1])),
+                "outputs": {k: to_numpy(v) for k, v in outputs.items()}}
 
     def op_lr_schedule(self, body: dict, ctx: Any) -> dict:
         """The lr the optimizer uses at every update k = 0 .. total_steps-1, per PaddleNLP schedule.

@@ -24,19 +24,41 @@ NO_DECAY = ["bias", "norm"]   # the guide's paddle recipe: PaddleNLP names Layer
 
 
 def build_optimizer(model: paddle.nn.Layer, cfg: dict[str, Any], inject: list[str]) -> tuple[Any, dict[str, Any]]:
-    """AdamW with ``apply_decay_param_fun``: paddle passes the parameter's internal name
-    (``linear_3.w_0``), so the decay set is built from structured names first (as the guide does)."""
+    """The coordinator's recipe, as the torch worker builds it: AdamW (the guide's) with
+    ``apply_decay_param_fun`` (paddle passes the parameter's internal name, ``linear_3.w_0``, so
+    the decay set is built from structured names first, as the guide does); Adam and SGD with
+    two parameter groups, whose ``weight_decay`` is the coupled L2 term torch's Adam/SGD add.
+    SGD with momentum is ``paddle.optimizer.Momentum`` (velocity = mu * velocity + grad, torch's
+    rule without dampening)."""
+    kind = str(cfg.get("type", "adamw"))
     eps = float(cfg.get("eps", 1e-6))
     if inject_value(inject, "adamw_eps"):
         eps = float(inject_value(inject, "adamw_eps"))
-    no_decay = [] if inject_value(inject, "adamw_wd_all") is not None else NO_DECAY
+    no_decay = cfg.get("no_decay", NO_DECAY)
+    if inject_value(inject, "adamw_wd_all") is not None:
+        no_decay = []
     named = [(n, p) for n, p in model.named_parameters() if not p.stop_gradient]  # BatchNorm stats are not trained
     decay = [n for n, _ in named if not any(nd in n for nd in no_decay)]
     decay_internal = {p.name for n, p in named if n in set(decay)}
-    opt = paddle.optimizer.AdamW(learning_rate=float(cfg["lr"]), parameters=[p for _, p in named],
-                                 weight_decay=float(cfg["weight_decay"]), epsilon=eps, beta1=0.9, beta2=0.999,
-                                 apply_decay_param_fun=lambda name: name in decay_internal)
-    return opt, {"eps": eps, "lr": float(cfg["lr"]), "weight_decay": float(cfg["weight_decay"]),
+    lr, wd = float(cfg["lr"]), float(cfg["weight_decay"])
+    beta1, beta2 = (float(b) for b in cfg.get("betas", (0.9, 0.999)))
+    momentum = float(cfg.get("momentum", 0.0))
+    groups = [{"params": [p for n, p in named if n in set(decay)], "weight_decay": wd},
+              {"params": [p for n, p in named if n not in set(decay)], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    if kind == "adamw":
+        opt = paddle.optimizer.AdamW(learning_rate=lr, parameters=[p for _, p in named], weight_decay=wd,
+                                     epsilon=eps, beta1=beta1, beta2=beta2,
+                                     apply_decay_param_fun=lambda name: name in decay_internal)
+    elif kind == "adam":
+        opt = paddle.optimizer.Adam(learning_rate=lr, parameters=groups, epsilon=eps, beta1=beta1, beta2=beta2)
+    elif kind == "sgd" and momentum:
+        opt = paddle.optimizer.Momentum(learning_rate=lr, momentum=momentum, parameters=groups)
+    elif kind == "sgd":
+        opt = paddle.optimizer.SGD(learning_rate=lr, parameters=groups)
+    else:
+        raise ValueError(f"optimizer type {kind!r} (known: adamw, adam, sgd)")
+    return opt, {"type": kind, "eps": eps, "lr": lr, "weight_decay": wd, "momentum": momentum,
                  "decay": decay, "no_decay": [n for n, _ in named if n not in set(decay)]}
 
 

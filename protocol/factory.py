@@ -18,9 +18,14 @@ run's seed; the framework's global seed is also set before the call) and returns
                    The torch side's inputs win; the paddle side's are used when torch has none.
   - ``loss``       ``loss(outputs, batch) -> scalar tensor``: ``outputs`` is the dict of named
                    outputs described below, ``batch`` the dict of input tensors
-  - ``optimizer``  a recipe, plain data (``{"type": "adamw", "lr": 1e-3, "weight_decay": 0.01,
-                   "eps": 1e-8, "betas": [0.9, 0.999], "no_decay": ["bias", "norm"]}``), or a
-                   callable ``optimizer(model) -> optimizer``
+  - ``optimizer``  a recipe, plain data, that the backward step builds on *both* sides:
+                   ``{"type": "adamw" | "adam" | "sgd", "lr": 1e-3, "weight_decay": 0.01,
+                   "eps": 1e-8, "betas": [0.9, 0.999], "momentum": 0.9 (sgd only),
+                   "no_decay": ["bias"]}`` (every key optional; without ``no_decay`` every
+                   parameter is decayed; ``--param lr/weight_decay/adam_eps`` given on the
+                   command line win). The torch side's recipe is used, the paddle side's when
+                   torch gives none. A callable ``optimizer(model)`` is accepted but cannot be
+                   built identically on both sides: the run says so and uses the guide's AdamW.
 
 The forward op calls ``model(**inputs)`` in eval mode and names the outputs with
 ``name_outputs``: a tensor -> ``{"output": t}``; a tuple/list -> ``output_0, output_1, ...``;
@@ -191,10 +196,12 @@ def name_outputs(out: Any, is_tensor: Callable[[Any], bool], prefix: str = "outp
     return named
 
 
-# What a factory model supports, for steps to check before running (model_info['supports']).
-# "data" and "train" need a tokenizer and a text classifier (the BERT presets); metric and lr
-# need no model at all. "loss" / "backward" depend on what the factory returned.
-SUPPORTS = {"weights": True, "forward": True, "layers": True, "data": False, "train": False}
+# What a factory model supports (model_info['supports']; the coordinator decides the same from
+# the model specs before starting, coordinator.modelspec.unsupported_steps). "data", "train" and
+# "perf" need a tokenizer and a text classifier (the BERT presets); metric and lr need no model.
+# "loss" and "backward" use the factory's loss, or cross-entropy on a single output.
+SUPPORTS = {"weights": True, "forward": True, "layers": True, "loss": True, "backward": True,
+            "data": False, "train": False, "perf": False}
 
 
 def model_info(spec: str, loaded: Loaded, n_params: int) -> dict[str, Any]:
@@ -209,5 +216,4 @@ def model_info(spec: str, loaded: Loaded, n_params: int) -> dict[str, Any]:
     return {"kind": "factory", "factory": spec, "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
             "inputs": loaded.inputs, "config": None, "n_params": int(n_params),
             "loss": loaded.loss is not None, "optimizer": recipe,
-            "supports": dict(SUPPORTS, loss=loaded.loss is not None,
-                             backward=loaded.loss is not None and opt is not None)}
+            "supports": dict(SUPPORTS)}

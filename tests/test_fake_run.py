@@ -1,8 +1,10 @@
 """The coordinator against numpy fake workers started as real subprocesses (no framework needed)."""
 
+import subprocess
 import time
 
 import numpy as np
+import pytest
 
 from conftest import ROOT, coordinator, fake_env, load_summary
 from coordinator.errors import ExitCode
@@ -82,9 +84,37 @@ def test_protocol_version_mismatch_refused_before_weights_move(fake_run):
 
 
 def test_unknown_step_is_a_usage_error(fake_run):
-    proc, _ = fake_run("--steps", "weights,bogus")
+    proc, out = fake_run("--steps", "weights,bogus")
     assert proc.returncode == ExitCode.USAGE
     assert "bogus" in proc.stdout
+    assert not out.exists()   # refused before the run directory is made
+
+
+@pytest.mark.parametrize("step", ["data", "train", "perf"])
+def test_a_bert_only_step_asked_for_by_name_is_refused_for_a_factory_model(tmp_path, step):
+    """Before any worker starts or anything is written; the step, the reason and the factory are named."""
+    proc = coordinator(["run", "--steps", f"weights,{step}", "--out", str(tmp_path / "r"),
+                        "--torch-model", "mine.t:build", "--paddle-model", "mine.p:build"], env=fake_env())
+    assert proc.returncode == ExitCode.USAGE, proc.stdout + proc.stderr
+    msg = " ".join(proc.stdout.split())
+    assert f"step '{step}' cannot run on this model" in msg and "factory 'mine.t:build'" in msg
+    assert not (tmp_path / "r").exists()
+    control = coordinator(["run", "--steps", "weights,bogus", "--out", str(tmp_path / "r2")], env=fake_env())
+    assert "cannot run on this model" not in control.stdout   # presets: no such refusal
+
+
+def test_the_lockstep_wrapper_runs_in_the_callers_directory(tmp_path):
+    """`./lockstep run` from elsewhere: relative paths are the caller's (here a bad --data file,
+    refused before any worker starts, by its path in the caller's directory)."""
+    if not (ROOT / ".venv" / "bin" / "coordinator").exists():
+        pytest.skip("needs the project's .venv (made by ./lockstep on first use)")
+    (tmp_path / "mine.tsv").write_text("label\tsentence\nnot-a-label\thello\n")
+    proc = subprocess.run([str(ROOT / "lockstep"), "run", "--steps", "data", "--data", "mine.tsv",
+                           "--out", "here"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=fake_env())
+    assert proc.returncode == ExitCode.USAGE, proc.stdout + proc.stderr
+    assert f"{tmp_path / 'mine.tsv'}:2: label 'not-a-label' is not an integer" in proc.stdout.replace("\n", "")
+    assert not (tmp_path / "here").exists() and not (ROOT / "here").exists()
 
 
 

@@ -26,11 +26,12 @@ ROOT = Path(__file__).resolve().parent.parent
 CNN = ["--torch-model", "examples.cnn.torch_model:build", "--paddle-model", "examples.cnn.paddle_model:build"]
 
 
-def cli(args: list[str], cwd: Path = ROOT, timeout: float = 180) -> subprocess.CompletedProcess:
+def cli(args: list[str], cwd: Path = ROOT, timeout: float = 180, **env_extra: str) -> subprocess.CompletedProcess:
     """The real CLI against the real environments (workers are real processes, cleaned up by the CLI)."""
     env_python("torch"), env_python("paddle")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKSTEP_WORKER_ARGV")}
     env["PYTHONPATH"] = str(ROOT)
+    env.update(env_extra)
     return subprocess.run([sys.executable, "-m", "coordinator.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=str(cwd), env=env)
 
@@ -138,6 +139,19 @@ def test_map_suggest_prints_the_mapping_the_run_used(cnn_run, tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_map_without_out_leaves_no_log_directory_behind_unless_it_fails(tmp_path):
+    ok = cli(["map", "--suggest", *CNN, "--no-create"], TMPDIR=str(tmp_path))
+    assert ok.returncode == ExitCode.ALIGNED, text(ok)[-3000:]
+    assert not list(tmp_path.glob("lockstep-map-*"))
+    bad = cli(["map", "--suggest", *CNN[:2], "--paddle-model", "no_such_module_xyz:build", "--no-create"],
+              TMPDIR=str(tmp_path))
+    assert bad.returncode == ExitCode.WORKER_ERROR, text(bad)[-3000:]
+    (kept,) = tmp_path.glob("lockstep-map-*")
+    assert f"worker logs kept in {kept}" in bad.stderr   # map's console does not wrap (soft_wrap)
+    assert (kept / "paddle_worker.log").exists()
+
+
+@pytest.mark.timeout(120)
 def test_wrong_transform_in_a_mapping_file_is_caught_at_the_weights_step(cnn_run, tmp_path):
     _, out = cnn_run
     bad = (out / "automap.toml").read_text() + (
@@ -152,6 +166,115 @@ def test_wrong_transform_in_a_mapping_file_is_caught_at_the_weights_step(cnn_run
     assert "shape mismatch for torch 'features.0.bias' (8,) -> paddle 'conv1.bias': converted (2, 4) after " \
            "reshape(2, 4), paddle expects (8,)" in msg
     assert "on torch 'classifier.2.bias' (10,) -> paddle 'fc2.bias': a 1-D tensor has nothing to transpose" in msg
+
+
+def steps_of(out: Path) -> dict:
+    return {s["name"]: s for s in summary(out)["steps"]}
+
+
+@pytest.mark.timeout(240)
+def test_cnn_all_steps_skip_the_bert_only_ones_and_run_the_rest(tmp_path):
+    """`--steps all` on a factory model: data/train/perf skipped with the reason, every other step
+    runs (layers with its backward pass on the factory's loss, loss on the factory's loss,
+    backward with the factory's optimizer recipe: SGD lr 0.01)."""
+    out = tmp_path / "r"
+    proc = cli(["run", "--steps", "all", "--out", str(out), "--no-create", *CNN], timeout=230)
+    assert proc.returncode == ExitCode.ALIGNED, text(proc)[-3000:]
+    assert set(summary(out)["steps_skipped"]) == {"data", "train", "perf"}
+    assert "step train skipped: it fine-tunes a text classifier" in " ".join(proc.stdout.split())
+    steps = steps_of(out)
+    assert list(steps) == ["metric", "weights", "forward", "layers", "loss", "lr", "backward"]
+    assert all(s["status"] == "passed" for s in steps.values())
+    layers = steps["layers"]["details"]
+    assert layers["forward"]["compared"] == 10 and layers["backward"]["compared"] > 0
+    assert steps["loss"]["details"]["loss"] == "the factory's loss"
+    assert steps["loss"]["details"]["labels"] == "the model's labels input"
+    opt = steps["backward"]["details"]["optimizer"]
+    assert opt["torch"]["type"] == opt["paddle"]["type"] == "sgd"
+    assert opt["torch"]["lr"] == opt["paddle"]["lr"] == 0.01 and opt["torch"]["weight_decay"] == 0.0
+
+
+@pytest.mark.timeout(180)
+def test_buggy_cnn_layers_and_loss_steps_name_the_layer(tmp_path):
+    """Negative control: the layers step fails (not errors) on bn1, as its own error; the loss step
+    fails and says the outputs already differ."""
+    out = tmp_path / "r"
+    proc = cli(["run", "--steps", "weights,forward,layers,loss", "--out", str(out), "--no-create",
+                "--torch-model", "examples.cnn.torch_model:build",
+                "--paddle-model", "examples.cnn_buggy.paddle_model:build"])
+    assert proc.returncode == ExitCode.DIVERGED, text(proc)[-3000:]
+    steps = steps_of(out)
+    assert steps["layers"]["status"] == "failed", steps["layers"]["message"]
+    first = steps["layers"]["details"]["forward"]["first"]
+    assert (first["torch"], first["paddle"]) == ("features.1", "bn1")
+    assert "features.1 [BatchNorm2d] (own error)" in steps["layers"]["message"]
+    assert steps["loss"]["status"] == "failed" and "the outputs already differ (output" in steps["loss"]["message"]
+
+
+REGRESSION = """
+import numpy as np
+{imports}
+
+class Net({base}):
+    def __init__(self):
+        super().__init__()
+        self.fc = {linear}(3, 5)
+        self.out = {linear}(5, 1)
+
+    def forward(self, x, labels=None):
+        return self.out({act}(self.fc(x)))
+
+def build(seed=0):
+    return {{"model": Net(),
+            "inputs": [{{"name": "x", "shape": [6, 3], "dtype": "float32"}},
+                       {{"name": "labels", "shape": [6, 1], "dtype": "float32"}}],
+            "loss": lambda out, batch: ((out["output"] - {scale} * batch["labels"]) ** 2).mean(),
+            "optimizer": {optimizer}}}
+"""
+
+
+def regression_pair(tmp_path: Path, paddle_scale: str = "1.0", optimizer: str = '{"type": "adam", "lr": 0.01}'
+                    ) -> list[str]:
+    """A tiny regression pair: float labels of shape [6, 1] (not class ids) and an MSE loss."""
+    (tmp_path / "reg_torch.py").write_text(REGRESSION.format(
+        imports="import torch", base="torch.nn.Module", linear="torch.nn.Linear", act="torch.tanh",
+        scale="1.0", optimizer=optimizer))
+    (tmp_path / "reg_paddle.py").write_text(REGRESSION.format(
+        imports="import paddle", base="paddle.nn.Layer", linear="paddle.nn.Linear", act="paddle.tanh",
+        scale=paddle_scale, optimizer=optimizer))
+    return ["--torch-model", "reg_torch:build", "--torch-path", str(tmp_path),
+            "--paddle-model", "reg_paddle:build", "--paddle-path", str(tmp_path)]
+
+
+@pytest.mark.timeout(240)
+def test_a_regression_factory_keeps_its_float_labels_and_its_adam_recipe(tmp_path):
+    """The factory's own labels reach its loss unchanged (float [6, 1]) in layers, loss and backward,
+    and its Adam recipe is what both sides train with. Negative controls: a loss that differs on
+    the paddle side (the outputs agree), and a recipe lockstep cannot build."""
+    out = tmp_path / "ok"
+    steps = "weights,forward,layers,loss,backward"
+    proc = cli(["run", "--steps", steps, "--out", str(out), "--no-create", *regression_pair(tmp_path)])
+    assert proc.returncode == ExitCode.ALIGNED, text(proc)[-3000:]
+    s = steps_of(out)
+    assert s["layers"]["details"]["backward"]["compared"] > 0
+    assert s["loss"]["details"]["labels"] == "the model's labels input"
+    opt = s["backward"]["details"]["optimizer"]
+    assert opt["torch"]["type"] == opt["paddle"]["type"] == "adam" and opt["torch"]["lr"] == 0.01
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    proc = cli(["run", "--steps", "weights,forward,loss", "--out", str(bad / "r"), "--no-create",
+                *regression_pair(bad, paddle_scale="1.01")])
+    assert proc.returncode == ExitCode.DIVERGED, text(proc)[-3000:]
+    loss = steps_of(bad / "r")["loss"]
+    assert loss["status"] == "failed" and "the outputs agree, so look at the loss function" in loss["message"]
+
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    proc = cli(["run", "--steps", "weights,backward", "--out", str(odd / "r"), "--no-create",
+                *regression_pair(odd, optimizer='{"type": "rmsprop", "lr": 0.01}')])
+    assert proc.returncode == ExitCode.USAGE, text(proc)[-3000:]
+    assert "optimizer recipe type 'rmsprop' is not supported (known: adamw, adam, sgd)" in " ".join(proc.stdout.split())
 
 
 # -- factory errors --------------------------------------------------------------------------------

@@ -216,6 +216,7 @@ class LayerOps:
         is off (eval mode); gradients are cleared afterwards so no later step sees them.
         """
         from . import models
+        from .ops_train import training_loss
         model = self._need_model()
         model.eval()
         inputs = {k: from_numpy(v, self.device) for k, v in body["inputs"].items()}
@@ -234,7 +235,8 @@ class LayerOps:
                 with torch.enable_grad():
                     out = models.forward(model, self.model_info, inputs)
                     labels = from_numpy(body["labels"], self.device)
-                    loss = torch.nn.functional.cross_entropy(out["logits"], labels)
+                    loss = training_loss(out, labels, self.model_info, models, model, inputs,
+                                         torch.nn.functional.cross_entropy)   # a factory's own loss, if any
                     ctx.partial({"ev": "loss", "seq": cap._next(), "tensor": to_numpy(loss)})
                     loss.backward()
                 reply["loss"] = float(loss.detach())

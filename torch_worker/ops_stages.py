@@ -47,6 +47,8 @@ class StageOps:
         model = self._need_model()
         model.eval()
         inputs = {k: from_numpy(v, self.device) for k, v in body["inputs"].items()}
+        if self.model_info.get("kind") == "factory":   # labels as the factory declared them (any dtype)
+            return self._factory_loss(model, inputs, from_numpy(np.asarray(body["labels"]), self.device))
         labels = from_numpy(np.asarray(body["labels"], dtype=np.int64), self.device)
         if "label_shift" in inject:
             labels = torch.roll(labels, 1)
@@ -56,6 +58,18 @@ class StageOps:
             per_sample = torch.nn.CrossEntropyLoss(reduction="none")(logits, labels)
         return {"loss": to_numpy(loss.reshape(1)), "loss_per_sample": to_numpy(per_sample),
                 "logits": to_numpy(logits)}
+
+    def _factory_loss(self, model: Any, inputs: dict, labels: Any) -> dict:
+        """A factory model's training loss (its own ``loss``, else cross-entropy on its single
+        output, as backward uses it), eval mode, no grad; with the named outputs it was taken on."""
+        from . import models
+        from .ops_train import training_loss
+        with torch.no_grad():
+            outputs = models.forward(model, self.model_info, inputs)
+            loss = training_loss(outputs, labels, self.model_info, models, model, inputs,
+                                 torch.nn.functional.cross_entropy)
+        return {"loss": to_numpy(torch.as_tensor(loss).reshape(1)),
+                "outputs": {k: to_numpy(v) for k, v in outputs.items()}}
 
     def op_lr_schedule(self, body: dict, ctx: Any) -> dict:
         """The lr the optimizer uses at every update k = 0 .. total_steps-1, per HF schedule.

@@ -25,18 +25,32 @@ NO_DECAY = ["bias", "LayerNorm.weight"]   # the guide's torch recipe (HF run_glu
 
 def build_optimizer(model: torch.nn.Module, cfg: dict[str, Any], inject: list[str]
                     ) -> tuple[torch.optim.Optimizer, dict[str, Any]]:
-    """AdamW with parameter groups: weight decay except biases and LayerNorm weights."""
+    """The coordinator's recipe (``steps/_training.optim_config``): AdamW by default (the guide's),
+    Adam or SGD (with momentum) for a factory's recipe; two parameter groups, weight decay on all
+    but names containing a ``no_decay`` pattern (the guide's: biases and LayerNorm weights)."""
+    kind = str(cfg.get("type", "adamw"))
     eps = float(cfg.get("eps", 1e-6))
     if inject_value(inject, "adamw_eps"):
         eps = float(inject_value(inject, "adamw_eps"))
-    no_decay = [] if inject_value(inject, "adamw_wd_all") is not None else NO_DECAY
-    named = list(model.named_parameters())
+    no_decay = cfg.get("no_decay", NO_DECAY)
+    if inject_value(inject, "adamw_wd_all") is not None:
+        no_decay = []
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [n for n, _ in named if not any(nd in n for nd in no_decay)]
     groups = [{"params": [p for n, p in named if n in set(decay)], "weight_decay": float(cfg["weight_decay"])},
               {"params": [p for n, p in named if n not in set(decay)], "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=float(cfg["lr"]), eps=eps, betas=(0.9, 0.999))
-    return opt, {"eps": eps, "lr": float(cfg["lr"]), "weight_decay": float(cfg["weight_decay"]),
-                 "decay": decay, "no_decay": [n for n, _ in named if n not in set(decay)]}
+    lr, betas = float(cfg["lr"]), tuple(float(b) for b in cfg.get("betas", (0.9, 0.999)))
+    if kind == "adamw":
+        opt: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=lr, eps=eps, betas=betas)
+    elif kind == "adam":
+        opt = torch.optim.Adam(groups, lr=lr, eps=eps, betas=betas)
+    elif kind == "sgd":
+        opt = torch.optim.SGD(groups, lr=lr, momentum=float(cfg.get("momentum", 0.0)))
+    else:
+        raise ValueError(f"optimizer type {kind!r} (known: adamw, adam, sgd)")
+    return opt, {"type": kind, "eps": eps, "lr": lr, "weight_decay": float(cfg["weight_decay"]),
+                 "momentum": float(cfg.get("momentum", 0.0)), "decay": decay,
+                 "no_decay": [n for n, _ in named if n not in set(decay)]}
 
 
 class DropoutControl:

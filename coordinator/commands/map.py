@@ -9,6 +9,7 @@ with FILE and reports every problem (key and both shapes) without running anythi
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -53,13 +54,28 @@ def command(**kw) -> None:
 
 
 def _map(kw: dict, say) -> int:
+    if kw["out"] is None:   # a temporary directory for the worker logs: kept only when something failed
+        out = Path(tempfile.mkdtemp(prefix="lockstep-map-")).resolve()
+        code = ExitCode.WORKER_ERROR
+        try:
+            code = _map_in(kw, say, out)
+            return code
+        finally:
+            if code == ExitCode.ALIGNED:
+                shutil.rmtree(out, ignore_errors=True)
+            else:
+                say(f"worker logs kept in {out}")
+    out = kw["out"].resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    return _map_in(kw, say, out)
+
+
+def _map_in(kw: dict, say, out: Path) -> int:
     from ..cli import _worker_specs
     from ..modelspec import automatic_map, probe_inputs
     from ..runner import RunContext, RunOptions
     from ..session import Session
     from ..steps.common import ensure_converted, ensure_loaded
-    out = (kw["out"] or Path(tempfile.mkdtemp(prefix="lockstep-map-"))).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     opts = RunOptions(steps=[], out=out, seed=kw["seed"], torch_model=kw["torch_model"],
                       paddle_model=kw["paddle_model"], model_path=kw["model_path"], mapping=kw["check"],
                       threads=kw["threads"], env_set=kw["env_set"], schedule="alternate")

@@ -33,8 +33,71 @@ def dropout_mode(rc: RunContext) -> str:
     return mode
 
 
-def optim_config(rc: RunContext, lr: float) -> dict[str, float]:
-    return {"lr": float(lr), "weight_decay": float(rc.param("weight_decay")), "eps": float(rc.param("adam_eps"))}
+OPTIMIZERS = ("adamw", "adam", "sgd")
+RECIPE_KEYS = {"type", "lr", "weight_decay", "eps", "betas", "momentum", "no_decay"}
+PARAM_OF = {"lr": "lr", "weight_decay": "weight_decay", "eps": "adam_eps"}  # recipe key -> --param
+
+
+def optim_config(rc: RunContext, lr: float) -> dict[str, Any]:
+    """What both workers build: the guide's AdamW (``--param lr/weight_decay/adam_eps``), or a
+    factory model's optimizer recipe, with any of those ``--param`` given explicitly on top."""
+    cfg: dict[str, Any] = {"type": "adamw", "lr": float(lr), "weight_decay": float(rc.param("weight_decay")),
+                           "eps": float(rc.param("adam_eps"))}
+    recipe = factory_recipe(rc)
+    if recipe:
+        # What the recipe leaves out is torch.optim's default for that optimizer (a plain
+        # parameter list: every parameter decayed), not the guide's BERT recipe.
+        cfg.update(weight_decay=0.01 if recipe["type"] == "adamw" else 0.0, eps=1e-8, betas=[0.9, 0.999],
+                   no_decay=[])
+        cfg.update({k: v for k, v in recipe.items() if PARAM_OF.get(k) not in rc.opts.params_given})
+    return cfg
+
+
+def factory_recipe(rc: RunContext) -> dict[str, Any] | None:
+    """The torch factory's optimizer recipe (plain data), checked; None for presets and when
+    the factory gave none. A callable optimizer cannot be run identically on both sides: said
+    once, and the guide's AdamW is used."""
+    tinfo = rc.model_info.get("torch") or {}
+    if tinfo.get("kind") != "factory":
+        return None
+    recipe = tinfo.get("optimizer")
+    if recipe is None:
+        recipe = (rc.model_info.get("paddle") or {}).get("optimizer")
+    if recipe is None or recipe == "callable":
+        if recipe == "callable" and not rc.cache.get("callable_optimizer_said"):
+            rc.cache["callable_optimizer_said"] = True
+            rc.say(f"  note: factory {tinfo.get('factory')!r} gives its optimizer as a callable, which lockstep cannot "
+                   f"build identically on both sides; using the guide's AdamW (give a recipe dict to choose)")
+        return None
+    where = f"factory {tinfo.get('factory')!r}: optimizer recipe"
+    unknown = sorted(set(recipe) - RECIPE_KEYS)
+    if unknown:
+        raise UsageError(f"{where} has unknown key(s) {unknown} (known: {sorted(RECIPE_KEYS)})")
+    kind = str(recipe.get("type", "adamw")).lower()
+    if kind not in OPTIMIZERS:
+        raise UsageError(f"{where} type {recipe.get('type')!r} is not supported (known: {', '.join(OPTIMIZERS)})")
+    out: dict[str, Any] = {"type": kind}
+    try:
+        for k in ("lr", "weight_decay", "eps", "momentum"):
+            if recipe.get(k) is not None:
+                out[k] = float(recipe[k])
+        if recipe.get("betas") is not None:
+            b1, b2 = (float(b) for b in recipe["betas"])
+            out["betas"] = [b1, b2]
+        if recipe.get("no_decay") is not None:
+            nd = recipe["no_decay"]
+            out["no_decay"] = [nd] if isinstance(nd, str) else [str(x) for x in nd]
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"{where} {recipe!r:.200}: {exc}") from None
+    if out.get("momentum") and kind != "sgd":
+        raise UsageError(f"{where}: 'momentum' applies to sgd, not {kind}")
+    return out
+
+
+def describe_optim(cfg: dict[str, Any]) -> str:
+    kind = {"adamw": "AdamW", "adam": "Adam", "sgd": "SGD"}[cfg.get("type", "adamw")]
+    extra = f", momentum {cfg['momentum']:g}" if cfg.get("momentum") else ""
+    return f"{kind} iterations (lr {cfg['lr']:g}, wd {cfg['weight_decay']:g}{extra}"
 
 
 def setup_both(rc: RunContext, lr: float, dropout: str) -> tuple[dict, dict, TensorDiff]:
@@ -45,6 +108,7 @@ def setup_both(rc: RunContext, lr: float, dropout: str) -> tuple[dict, dict, Ten
     paddle's and names every parameter whose weight decay differs.
     """
     body = {"optim": optim_config(rc, lr), "dropout": dropout, "seed": rc.opts.seed}
+    rc.cache["optim"] = body["optim"]
     rc.both("weights_snapshot", {}, at_once=True)   # each worker keeps its pristine weights for restore_weights
     rc.cache["weights_snapshot"] = True
     t, p = rc.both("train_setup", body)

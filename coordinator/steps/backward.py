@@ -24,9 +24,9 @@ import numpy as np
 from ..compare import Tolerance, compare
 from ..errors import UsageError
 from ..runner import RunContext, StepResult
-from ._training import (DROPOUT_NOTE, compare_dropout_calls, compare_named, dropout_mode, run_then_restore,
-                        setup_both, to_paddle_names)
-from .common import finish, gen_inputs
+from ._training import (DROPOUT_NOTE, compare_dropout_calls, compare_named, describe_optim, dropout_mode,
+                        run_then_restore, setup_both, to_paddle_names)
+from .common import finish, gen_inputs, training_labels
 
 DEFAULTS = {"loss": Tolerance(1e-5, "max"), "grad": Tolerance(1e-5, "max"), "param": Tolerance(5e-6, "max"),
             "lr": Tolerance(0.0, "max")}
@@ -42,11 +42,10 @@ def tolerances(rc: RunContext) -> dict[str, Tolerance]:
 
 
 def batch(rc: RunContext) -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """The coordinator's seeded batch (the guide's fake data): ids like forward's, labels 0/1."""
+    """The coordinator's seeded batch (the guide's fake data): ids like forward's, labels 0/1
+    (a factory model's own ``labels`` input when it declares one)."""
     inputs = gen_inputs(rc, seed_offset=1)
-    n = next(iter(inputs.values())).shape[0]
-    labels = np.random.RandomState(rc.opts.seed + 2).randint(0, 2, (n,)).astype(np.int64)
-    return inputs, labels
+    return inputs, training_labels(rc, inputs, seed_offset=2)
 
 
 def _nbytes(tensors: dict | None) -> int:
@@ -82,7 +81,7 @@ def _run(rc: RunContext) -> StepResult:
     if checked:  # every gradient and parameter comes back at once: fault their pages in now, both sides
         rc.session.warm_rings({"torch": 2 * _nbytes(rc.cache.get("torch_weights")),
                                "paddle": 2 * _nbytes(rc.cache.get("converted"))})
-    rc.say(f"  {iters} AdamW iterations (lr {rc.param('lr')}, wd {rc.param('weight_decay')}, "
+    rc.say(f"  {iters} {describe_optim(rc.cache['optim'])}, "
            f"eps torch {t_setup['eps']:g} / paddle {p_setup['eps']:g}), batch {tuple(labels.shape)}, dropout {mode}; "
            f"gradients and parameters compared at iteration(s) {', '.join(map(str, sorted(checked))) or 'none'}")
     diffs, rows, t_npy, p_npy = [decay_check], [], {}, {}
@@ -159,8 +158,9 @@ def _f(x: float) -> float | None:
 
 
 def _opt(info: dict) -> dict:
-    return {k: info[k] for k in ("lr", "eps", "weight_decay", "dropout")} | {"decayed": len(info["decay"]),
-                                                                          "not_decayed": len(info["no_decay"])}
+    return {k: info[k] for k in ("lr", "eps", "weight_decay", "dropout")} | {
+        "type": info.get("type", "adamw"), "momentum": info.get("momentum", 0.0), "decayed": len(info["decay"]),
+        "not_decayed": len(info["no_decay"])}
 
 
 def _row(it: int, t: dict, p: dict, loss_d, grad_d, par_d) -> dict:

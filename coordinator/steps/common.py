@@ -79,10 +79,24 @@ def gen_inputs(rc: RunContext, seed_offset: int = 0) -> dict[str, np.ndarray]:
     return out
 
 
+def training_labels(rc: RunContext, inputs: dict[str, np.ndarray], seed_offset: int) -> np.ndarray:
+    """Labels for a loss: the model's own ``labels`` input when it declares one (a factory's
+    inputs: any dtype or shape its loss expects), else seeded class ids below the model's
+    ``num_labels`` (2 when the model has no config: a factory without labels gets
+    cross-entropy on its single output)."""
+    if "labels" in inputs:
+        return inputs["labels"]
+    n = next(iter(inputs.values())).shape[0]
+    config = (rc.model_info.get("torch") or {}).get("config") or {}
+    k = int(config.get("num_labels", 2) or 2)
+    return np.random.RandomState(rc.opts.seed + seed_offset).randint(0, k, (n,)).astype(np.int64)
+
+
 def default_bert_inputs(tinfo: dict, seq: int = 64) -> list[dict]:
     """The guide's fake batch for BERT-like presets: 4 x ``seq`` (``--param fake_seq_len``)."""
-    vocab = int(tinfo.get("config", {}).get("vocab_size", 30522))
-    limit = int(tinfo.get("config", {}).get("max_position_embeddings", 512))
+    config = tinfo.get("config") or {}
+    vocab = int(config.get("vocab_size", 30522))
+    limit = int(config.get("max_position_embeddings", 512))
     if not 1 <= seq <= limit:
         raise UsageError(f"--param fake_seq_len={seq}: must be 1..{limit} (the model's max_position_embeddings)")
     return [{"name": "input_ids", "shape": [4, seq], "dtype": "int64", "low": 1, "high": vocab},

@@ -45,7 +45,9 @@ def run(rc: RunContext) -> StepResult:
     ran_backward = bool(rc.param("layers_backward")) and not (stop and failures)
     if ran_backward:
         labels = seeded_labels(rc, inputs)
-        rc.say("  backward: one pass, cross-entropy on seeded labels, dropout off")
+        factory = rc.model_info["torch"].get("kind") == "factory"
+        rc.say("  backward: one pass, " + ("the factory's loss (or cross-entropy on its single output)"
+                                           if factory else "cross-entropy on seeded labels") + ", dropout off")
         with LayerView(rc.say) as view:
             bwd = capture(rc, lmap, inputs, bwd_tol, backward=True, labels=labels, on_row=view.on_row,
                           stop_at_first=stop)

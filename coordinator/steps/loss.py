@@ -33,6 +33,9 @@ def run(rc: RunContext) -> StepResult:
     cached = rc.cache.get("forward_outputs")
     inputs = cached[2] if cached else gen_inputs(rc)
     n = next(iter(inputs.values())).shape[0]
+    if rc.model_info["torch"].get("kind") == "factory":
+        labels = inputs["labels"] if "labels" in inputs else gen_labels(rc.opts.seed, n)
+        return _factory(rc, inputs, labels, cached is not None)
     labels = gen_labels(rc.opts.seed, n)
     t, p = rc.both("loss", *bodies(rc, {"inputs": inputs, "labels": labels}))
     tol = rc.tol("loss", DEFAULT)
@@ -63,4 +66,32 @@ def run(rc: RunContext) -> StepResult:
         result.message = note + result.message
     elif result.passed:
         result.message = f"CrossEntropy torch {tl:.8f} vs paddle {pl:.8f} (|diff| {abs(tl - pl):.2e}); {result.message}"
+    return result
+
+
+def _factory(rc: RunContext, inputs: dict, labels: np.ndarray, from_forward: bool) -> StepResult:
+    """A factory model: its own loss (or cross-entropy on its single output, as backward
+    trains on), eval mode; the outputs it was taken on are checked at the forward tolerance
+    so that a loss gap is told apart from a model gap."""
+    t, p = rc.both("loss", {"inputs": inputs, "labels": labels}, {"inputs": inputs, "labels": labels})
+    tol = rc.tol("loss", DEFAULT)
+    outputs = diff_dicts(t.pop("outputs"), p.pop("outputs"), rc.tol("forward", FORWARD))
+    diffs = diff_dicts(t, p, tol)
+    tl, pl = float(t["loss"][0]), float(p["loss"][0])
+    which = "the factory's loss" if rc.model_info["torch"].get("loss") else "cross-entropy on the single output"
+    rc.say(f"  {which}: torch {tl:.8f}  paddle {pl:.8f}  |diff| {abs(tl - pl):.3e}")
+    bad = [d for d in outputs if not d.passed]
+    details = {"inputs": "forward step's" if from_forward else "seeded (gen_inputs)", "loss": which,
+               "input_shapes": {k: list(v.shape) for k, v in inputs.items()},
+               "labels": "the model's labels input" if "labels" in inputs else "seeded (0/1)",
+               "torch_loss": tl, "paddle_loss": pl, "abs_diff": abs(tl - pl),
+               "outputs": {d.name: {"max_abs": d.max_abs, "within_forward_tolerance": d.passed} for d in outputs}}
+    result = finish(rc, "loss", t, p, diffs, tol, details)
+    if not result.passed:
+        result.message = (f"loss torch {tl:.8f} vs paddle {pl:.8f}; " +
+                          (f"the outputs already differ ({bad[0].name}: {bad[0].reason}): see the forward step; "
+                           if bad else "the outputs agree, so look at the loss function or the labels; ")
+                          + result.message)
+    else:
+        result.message = f"{which}: torch {tl:.8f} vs paddle {pl:.8f} (|diff| {abs(tl - pl):.2e}); {result.message}"
     return result
