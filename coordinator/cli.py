@@ -81,8 +81,10 @@ def _parse_steps_all(text: str) -> tuple[list[str], bool]:
     from .errors import UsageError
     names = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in names if s not in STEPS and s != "all"]
-    if unknown or not names:  # before anything is created: no empty run directory for a typo
-        raise UsageError(f"unknown step(s) {', '.join(unknown) or repr(text)} (known: {', '.join(STEPS)}, all)")
+    if not names:
+        raise UsageError(f"--steps {text!r}: no step given (known: {', '.join(STEPS)}, all)")
+    if unknown:  # before anything is created: no empty run directory for a typo
+        raise UsageError(f"unknown step(s) {', '.join(unknown)} (known: {', '.join(STEPS)}, all)")
     if "all" in names:
         return list(STEPS), True
     return names, False
@@ -193,7 +195,8 @@ def _device_env(name: str, device: str) -> dict[str, str]:
               help="backward/train: dropout off (default) or on with masks shared by both sides")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="any step parameter (see docs)")
 @click.option("--tolerance", "tolerances", multiple=True, metavar="STEP=METHOD:THRESHOLD",
-              help="per-step tolerance, e.g. forward=max:1e-5 or loss=mean:1e-6")
+              help="per-step tolerance (METHOD max, mean or min of |diff|), e.g. forward=max:1e-5, "
+                   "loss=mean:1e-6, backward.param=max:1e-4")
 @click.option("--stop-at-first", is_flag=True, help="layers: end at the first divergent layer")
 @click.option("--forward-threshold", type=float, default=None, help="forward tolerance (default 1e-5)")
 @click.option("--diff-method", type=click.Choice(["max", "mean"]), default=None,
@@ -228,9 +231,7 @@ def run(**kw) -> None:
         steps, from_all = _parse_steps_all(kw["steps"])
         skipped = _unsupported(steps, from_all, kw)
         steps = [s for s in steps if s not in skipped]
-        out = kw["out"] or _fresh_run_dir(Path("runs"))
-        if out.exists() and any(out.iterdir()) and (out / "summary.json").exists():
-            out = out / time.strftime("%H%M%S")
+        out = _run_dir(kw["out"])
         tol = {}
         if kw["forward_threshold"] is not None or kw["diff_method"]:
             tol["forward"] = Tolerance(kw["forward_threshold"] if kw["forward_threshold"] is not None else 1e-5,
@@ -283,6 +284,26 @@ def print_remote_traceback(console, exc: BaseException) -> None:
                       markup=False, soft_wrap=True)
 
 
+def _run_dir(given: Path | None) -> Path:
+    """``--out`` (a directory that already holds a run gets a fresh ``HHMMSS`` one inside it,
+    so no report is overwritten), else ``runs/<timestamp>``; made now, so that a path that
+    cannot be a directory is a usage error naming it before any worker starts."""
+    from .errors import UsageError
+    try:
+        if given is None:
+            return _fresh_run_dir(Path("runs"))
+        out = given
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out}: exists and is not a directory")
+        if out.is_dir() and (out / "summary.json").exists():
+            out = out / time.strftime("%H%M%S")
+        out.mkdir(parents=True, exist_ok=True)
+        return out
+    except OSError as exc:
+        where = given if given is not None else Path("runs").absolute()
+        raise UsageError(f"--out {where}: cannot create the run directory ({exc.strerror or exc})") from None
+
+
 def _fresh_run_dir(base: Path) -> Path:
     """runs/<timestamp>, made atomically: two runs started in the same second get different ones."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -310,7 +331,17 @@ def _parse_tolerances(items) -> dict:
             out[step] = Tolerance(float(thr), method)
         except ValueError:
             raise UsageError(f"--tolerance {item!r}: threshold {thr!r} is not a number") from None
+        known = _tolerance_keys()
+        if step not in known:
+            raise UsageError(f"--tolerance {item!r}: no step or sub-check {step!r} (known: {', '.join(known)})")
     return out
+
+
+def _tolerance_keys() -> list[str]:
+    """What ``--tolerance KEY=...`` accepts: every step, and the sub-checks that have their own."""
+    from .steps import STEPS, backward, lr
+    return list(STEPS) + [f"backward.{k}" for k in backward.DEFAULTS] + ["layers.backward"] + \
+        [f"lr.{k}" for k in lr.DEFAULTS]
 
 
 def _parse_params(kw) -> dict:

@@ -12,6 +12,7 @@ class ExitCode:
     WORKER_HUNG = 5
     PROTOCOL = 6
     WORKER_ERROR = 7
+    INTERNAL = 8
     INTERRUPTED = 130
 
     DESCRIPTIONS = {
@@ -23,6 +24,8 @@ class ExitCode:
         5: "worker hung: an op passed its deadline; the worker was stopped",
         6: "protocol / version: a malformed message or a protocol version mismatch",
         7: "worker error: an op raised an exception inside a worker (traceback in the report)",
+        8: "internal error: a step raised an unexpected exception in the coordinator (a lockstep bug: "
+           "traceback in summary.json; later steps still ran)",
         130: "interrupted: Ctrl-C; a partial report was written",
     }
 

@@ -249,7 +249,7 @@ def run(opts: RunOptions, worker_specs: dict[str, WorkerSpec], say: Callable[[st
         summary.event("hello", workers=hellos)
         rc = RunContext(opts, session, say)
         rc.cache["schedule"] = _check_placement(opts, hellos, summary, say)
-        any_failed = False
+        any_failed = any_error = False
         for name in opts.steps:
             if session.interrupted_at is not None:
                 raise Interrupted(f"interrupted: step {name!r} and later not started")
@@ -266,6 +266,9 @@ def run(opts: RunOptions, worker_specs: dict[str, WorkerSpec], say: Callable[[st
                 import traceback
                 result = StepResult(name, False, message=f"{type(exc).__name__}: {exc}", status="error",
                                     details={"traceback": traceback.format_exc()})
+                any_error = True
+                say(f"step {name}: internal error {type(exc).__name__}: {exc} (a lockstep bug; traceback in "
+                    f"summary.json; going on with the next step)")
             result.seconds = time.monotonic() - t0
             result.worker_seconds = {n: b - busy0.get(n, 0.0) for n, b in session.busy().items()}
             summary.add_step(result)
@@ -275,9 +278,9 @@ def run(opts: RunOptions, worker_specs: dict[str, WorkerSpec], say: Callable[[st
                 any_failed = True
                 if opts.fail_fast or result.details.get("stop_run"):  # stop_run: --stop-at-first (layers)
                     break
-        code = ExitCode.DIVERGED if any_failed else ExitCode.ALIGNED
+        code = ExitCode.INTERNAL if any_error else ExitCode.DIVERGED if any_failed else ExitCode.ALIGNED
         _note_protocol(summary, session, say)
-        summary.close("diverged" if any_failed else "aligned", code)
+        summary.close("error" if any_error else "diverged" if any_failed else "aligned", code)
     except Interrupted as exc:
         code = ExitCode.INTERRUPTED
         say(f"{exc}; {len(summary.data['steps'])} completed step(s) kept in the report")

@@ -12,6 +12,7 @@ Robustness faults (tests/test_faults.py): <op> may also be ``hello`` (before HEL
   silent-before-hello  never connect
   garbageonly@forward  send a malformed message instead of the reply, then hang
   dup@forward, stale@forward  an extra duplicate reply / a reply with a stale request id
+  nested@forward    the logits as a nested dict (a reply no step expects)
 ``LOCKSTEP_FAKE_STAMP_DIR`` (optional): write ``<flavor>.pid`` at start and
 ``<flavor>.<fault>`` (holding time.time()) just before a fault fires, so tests can
 measure detection time and find the processes.
@@ -134,6 +135,8 @@ class FakeAdapter(Adapter):
             while True:
                 time.sleep(1)
         reply = {"logits": y.astype(np.float32)}
+        if "nested@forward" in FAULTS:
+            reply = {"logits": {"deeper": [y.astype(np.float32)]}}
         if "stale@forward" in FAULTS:
             ctx._sock.send_multipart(encode("reply", ctx.id - 1, "forward", {"logits": y * 0}))
         if "dup@forward" in FAULTS:

@@ -136,3 +136,54 @@ def test_summary_tells_worker_compute_from_coordinator_time(fake_run):
     assert set(fwd["worker_seconds"]) == {"torch", "paddle"}
     assert 1.5 <= fwd["worker_seconds"]["paddle"] <= fwd["seconds"]
     assert fwd["worker_seconds"]["torch"] < 0.5 and w["worker_seconds"]["paddle"] < 0.5
+
+
+def test_a_step_that_raises_is_an_internal_error_not_a_divergence(tmp_path, monkeypatch):
+    """Exit 8, the message printed, the traceback kept, and the steps after it still run; the
+    control run without the faulty step is aligned."""
+    from coordinator.cli import _worker_specs
+    from coordinator.params import resolve
+    from coordinator.runner import RunOptions, run
+
+    for k, v in fake_env().items():
+        monkeypatch.setenv(k, v)
+
+    def boom(rc):
+        raise ZeroDivisionError("a step's own bug")
+
+    def go(steps: list[str], out):
+        said: list[str] = []
+        opts = RunOptions(steps=steps, out=out, mapping=str(ROOT / "tests/data/fake_mlp.toml"), params=resolve({}))
+        code, summary = run(opts, _worker_specs(opts, True, said.append), said.append, extra_steps={"boom": boom})
+        return code, summary.data, said
+
+    code, data, said = go(["boom", "weights"], tmp_path / "a")
+    assert code == ExitCode.INTERNAL == 8 and data["status"] == "error"
+    boom_step, weights = data["steps"]
+    assert boom_step["status"] == "error" and "ZeroDivisionError: a step's own bug" in boom_step["details"]["traceback"]
+    assert weights["status"] == "passed"
+    assert any("step boom: internal error ZeroDivisionError: a step's own bug" in s for s in said)
+    code, data, _ = go(["weights"], tmp_path / "b")
+    assert code == ExitCode.ALIGNED and data["status"] == "aligned"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", ""], "--steps '': no step given"),
+    (["--steps", "forward", "--tolerance", "foward=max:1e-5"], "no step or sub-check 'foward'"),
+    (["--steps", "forward", "--out", "{file}"], "exists and is not a directory"),
+    (["--steps", "forward", "--out", "{file}/sub"], "cannot create the run directory (Not a directory)"),
+])
+def test_bad_command_lines_are_refused_before_anything_starts(tmp_path, args, message):
+    """Exit 2 naming the problem, no worker started, no traceback (the control: a good --tolerance
+    key passes this check and the run goes on to fail only later, on the bad step list)."""
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    args = [a.replace("{file}", str(afile)) for a in args]
+    proc = coordinator(["run", *args], env=fake_env())
+    assert proc.returncode == ExitCode.USAGE, proc.stdout + proc.stderr
+    assert message in " ".join(proc.stdout.split()) and "Traceback" not in proc.stdout + proc.stderr
+    assert "waiting for workers" not in proc.stdout
+    control = coordinator(["run", "--steps", "forward", "--tolerance", "backward.param=max:1e-4",
+                           "--param", "nosuchparam=1", "--out", str(tmp_path / "ctl")], env=fake_env())
+    assert control.returncode == ExitCode.USAGE and "nosuchparam" in control.stdout   # failed later, on --param
+    assert "no step or sub-check" not in control.stdout
