@@ -16,8 +16,11 @@ DEFAULT_ORDER = ["weights", "forward"]
 
 
 def _console():
+    """Rich output; into a file or a CI log (not a terminal) 160 columns wide instead of rich's
+    80, so tables keep their notes. Plain lines are never wrapped (``soft_wrap``): paths, keys
+    and layer names stay whole for grep."""
     from rich.console import Console
-    return Console(highlight=False)
+    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -226,12 +229,13 @@ def run(**kw) -> None:
     from .runner import run as do_run
 
     console = _console()
-    say = lambda s: console.print(s, markup=False)  # noqa: E731
+    say = lambda s: console.print(s, markup=False, soft_wrap=True)  # noqa: E731
     try:
         steps, from_all = _parse_steps_all(kw["steps"])
+        from .modelspec import check_specs
+        check_specs(kw["torch_model"], kw["paddle_model"], kw["model_path"])
         skipped = _unsupported(steps, from_all, kw)
         steps = [s for s in steps if s not in skipped]
-        out = _run_dir(kw["out"])
         tol = {}
         if kw["forward_threshold"] is not None or kw["diff_method"]:
             tol["forward"] = Tolerance(kw["forward_threshold"] if kw["forward_threshold"] is not None else 1e-5,
@@ -241,12 +245,16 @@ def run(**kw) -> None:
         if params.get("data"):
             from .tsv import read_tsv
             read_tsv(params["data"])  # refuse a bad --data file (file:line: reason) before workers start
+        if kw["mapping"]:
+            from .mapping import WeightMap
+            WeightMap.load(kw["mapping"])  # likewise a missing, malformed or misspelled mapping file
         _check_devices(kw["torch_device"], kw["paddle_device"], kw["allow_shared_gpu"])
         server_curve = _listen_keys(kw, say)
         env_set = kw["env_set"] or ("gpu" if kw["torch_device"] != "cpu" or kw["paddle_device"] != "cpu" else "cpu")
         deadlines = {"*": kw["timeout"]} if kw["timeout"] else {}  # every op (session.DEFAULT_DEADLINES)
         if kw["hello_timeout"]:
             deadlines["hello"] = kw["hello_timeout"]
+        out = _run_dir(kw["out"])   # last: nothing is created for a command line refused above
         opts = RunOptions(steps=steps, out=out.resolve(), seed=kw["seed"], torch_model=kw["torch_model"],
                           paddle_model=kw["paddle_model"], model_path=kw["model_path"], mapping=kw["mapping"],
                           paddle_inject=list(kw["paddle_inject"]), torch_inject=list(kw["torch_inject"]),
@@ -272,7 +280,7 @@ def run(**kw) -> None:
     except LockstepError as exc:
         console.print(f"error: {exc}", markup=False, style="red", soft_wrap=True)  # paths and keys stay whole
         print_remote_traceback(console, exc)
-        console.print(f"exit {exc.exit_code}: {ExitCode.DESCRIPTIONS.get(exc.exit_code, '')}", markup=False)
+        console.print(f"exit {exc.exit_code}: {ExitCode.DESCRIPTIONS.get(exc.exit_code, '')}", markup=False, soft_wrap=True)
         sys.exit(exc.exit_code)
 
 
@@ -386,8 +394,12 @@ def _print_table(console, data: dict) -> None:
     for s in data.get("steps", []):
         worst = s.get("worst")
         t.add_row(s["name"], s["status"].upper(), "-" if worst is None else f"{worst:.3e}", s.get("tolerance", ""),
-                  f"{s.get('seconds', 0):.1f}", (s.get("message") or "")[:90])
+                  f"{s.get('seconds', 0):.1f}", _clip(s.get("message") or "", 160))
     console.print(t)
+
+
+def _clip(text: str, n: int) -> str:
+    return text if len(text) <= n else text[:n - 1] + "…"
 
 
 def _add_commands() -> None:

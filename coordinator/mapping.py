@@ -93,6 +93,53 @@ class Conversion:
     target_shape: tuple
 
 
+# The mapping file's schema: every table and key it may hold. Anything else is a typo that
+# would otherwise be ignored ([[renames]]) or misread (a string where a list belongs).
+SCHEMA: dict[str, tuple[str, set[str]]] = {
+    "rename": ("array", {"pattern", "replace"}),
+    "transform": ("array", {"pattern", "keys", "ndim", "op", "axes", "shape", "axis", "target_pattern", "targets"}),
+    "merge": ("array", {"pattern", "parts", "into", "axis"}),
+    "ignore": ("table", {"torch", "paddle"}),
+    "keys": ("table", set()),      # any torch key
+    "name": ("value", set()),
+}
+LIST_FIELDS = {"keys", "axes", "shape", "targets", "parts", "torch", "paddle"}
+
+
+def _check_schema(data: dict[str, Any], origin: str) -> None:
+    """Refuse unknown tables and keys by name (with the closest known one), a single ``[rename]``
+    where ``[[rename]]`` is meant, and a string where a list belongs."""
+    import difflib
+
+    def unknown(what: str, key: str, known: set[str]) -> UsageError:
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        return UsageError(f"mapping {origin}: unknown {what} {key!r}{hint} (known: {', '.join(sorted(known))})")
+
+    for top, value in data.items():
+        if top not in SCHEMA:
+            raise unknown("table or key", top, set(SCHEMA))
+        kind, fields = SCHEMA[top]
+        if kind == "array":
+            if not isinstance(value, list) or not all(isinstance(x, dict) for x in value):
+                raise UsageError(f"mapping {origin}: {top!r} must be a list of tables: write [[{top}]] (double "
+                                 f"brackets) before each one")
+            entries = [(f"{top} #{i + 1}", x) for i, x in enumerate(value)]
+        elif kind == "table":
+            if not isinstance(value, dict):
+                raise UsageError(f"mapping {origin}: {top!r} must be a table: [{top}]")
+            entries = [(f"[{top}]", value)] if fields else []
+        else:
+            entries = []
+        for where, entry in entries:
+            for key, v in entry.items():
+                if key not in fields:
+                    raise unknown(f"key in {where}", key, fields)
+                if key in LIST_FIELDS and not isinstance(v, list):
+                    raise UsageError(f"mapping {origin}: {where}: {key!r} must be a list, e.g. {key} = "
+                                     f"[{v!r}], not {type(v).__name__} {v!r:.60}")
+
+
 @dataclass
 class WeightMap:
     name: str
@@ -122,6 +169,8 @@ class WeightMap:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], origin: str = "<dict>") -> "WeightMap":
+        _check_schema(data, origin)
+
         def rx(s: Any, where: str) -> re.Pattern:
             try:
                 return re.compile(str(s))

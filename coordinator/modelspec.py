@@ -24,6 +24,27 @@ def is_factory(spec: str) -> bool:
     return ":" in spec
 
 
+def check_specs(torch_model: str, paddle_model: str, model_path: str | None) -> None:
+    """Refuse a model spec that cannot work before any worker starts (exit 2, naming it)."""
+    import re
+
+    from .errors import UsageError
+    for side, spec in (("torch", torch_model), ("paddle", paddle_model)):
+        if is_factory(spec):
+            module, _, func = spec.partition(":")
+            if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", module) or not re.fullmatch(r"[A-Za-z_]\w*", func):
+                raise UsageError(f"--{side}-model {spec!r}: a factory is module.path:function "
+                                 f"(e.g. mymodel.torch_side:build)")
+        elif spec not in PRESETS:
+            raise UsageError(f"--{side}-model {spec!r}: not a preset ({', '.join(PRESETS)}) nor a factory "
+                             f"module.path:function")
+    if "bert" in (torch_model, paddle_model):
+        if not model_path:
+            raise UsageError("the 'bert' preset needs --model-path DIR (an HF BERT checkpoint directory)")
+        if not Path(model_path).is_dir():
+            raise UsageError(f"--model-path {model_path}: not a directory")
+
+
 # Steps that need one of the BERT presets (a tokenizer, a text classifier), and why.
 PRESET_ONLY = {
     "data": "tokenizes the demo sentences with the model's tokenizer and checks the collators",

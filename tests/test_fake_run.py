@@ -172,13 +172,19 @@ def test_a_step_that_raises_is_an_internal_error_not_a_divergence(tmp_path, monk
     (["--steps", "forward", "--tolerance", "foward=max:1e-5"], "no step or sub-check 'foward'"),
     (["--steps", "forward", "--out", "{file}"], "exists and is not a directory"),
     (["--steps", "forward", "--out", "{file}/sub"], "cannot create the run directory (Not a directory)"),
+    (["--steps", "forward", "--torch-model", "minilmx"], "--torch-model 'minilmx': not a preset (minilm, bert)"),
+    (["--steps", "forward", "--paddle-model", "pkg.mod:"], "a factory is module.path:function"),
+    (["--steps", "forward", "--torch-model", "bert", "--paddle-model", "bert"], "needs --model-path DIR"),
+    (["--steps", "forward", "--mapping", "{typo}"], "unknown table or key 'renames'; did you mean 'rename'?"),
 ])
 def test_bad_command_lines_are_refused_before_anything_starts(tmp_path, args, message):
     """Exit 2 naming the problem, no worker started, no traceback (the control: a good --tolerance
     key passes this check and the run goes on to fail only later, on the bad step list)."""
     afile = tmp_path / "afile"
     afile.write_text("x")
-    args = [a.replace("{file}", str(afile)) for a in args]
+    typo = tmp_path / "typo.toml"
+    typo.write_text((ROOT / "tests/data/fake_mlp.toml").read_text() + "\n[[renames]]\npattern = 'a'\nreplace = 'b'\n")
+    args = [a.replace("{file}", str(afile)).replace("{typo}", str(typo)) for a in args]
     proc = coordinator(["run", *args], env=fake_env())
     assert proc.returncode == ExitCode.USAGE, proc.stdout + proc.stderr
     assert message in " ".join(proc.stdout.split()) and "Traceback" not in proc.stdout + proc.stderr

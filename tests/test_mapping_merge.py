@@ -1,10 +1,14 @@
 """Mapping files as data: [keys], [[merge]] (fused qkv), split back, and errors that name key and shapes."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from coordinator.mapping import MappingError, WeightMap
 from coordinator.errors import UsageError
+
+ROOT = Path(__file__).resolve().parent.parent
 
 MERGE = {
     "name": "fuse",
@@ -133,3 +137,23 @@ def test_malformed_mapping_tables_are_usage_errors(bad, needle):
     with pytest.raises(UsageError) as e:
         WeightMap.from_dict(bad, "bad.toml")
     assert needle in str(e.value) and "bad.toml" in str(e.value)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"renames": [{"pattern": "a", "replace": "b"}]}, "unknown table or key 'renames'; did you mean 'rename'?"),
+    ({"ignore": {"torh": ["x$"]}}, "unknown key in [ignore] 'torh'; did you mean 'torch'?"),
+    ({"transform": [{"op": "transpose", "axs": [1, 0]}]}, "unknown key in transform #1 'axs'"),
+    ({"ignore": {"torch": "position_ids$"}}, "[ignore]: 'torch' must be a list, e.g. torch = ['position_ids$']"),
+    ({"rename": {"pattern": "a", "replace": "b"}}, "'rename' must be a list of tables: write [[rename]]"),
+    ({"merge": [{"pattern": "(q|k)", "parts": "q,k", "into": "qk"}]}, "merge #1: 'parts' must be a list"),
+])
+def test_mapping_typos_are_named_not_ignored(data, message):
+    with pytest.raises(UsageError) as exc:
+        WeightMap.from_dict(data, "m.toml")
+    assert message in str(exc.value)
+
+
+def test_every_shipped_mapping_passes_the_schema():
+    """The control for the typo checks: the built-in and test mappings load as they are."""
+    for path in [*(ROOT / "coordinator/mappings").glob("*.toml"), *(ROOT / "tests/data").glob("*.toml")]:
+        WeightMap.load(path)

@@ -25,6 +25,8 @@ from ..errors import ExitCode, LockstepError
 @click.option("--torch-model", default="minilm", show_default=True)
 @click.option("--paddle-model", default="minilm", show_default=True)
 @click.option("--model-path", default=None)
+@click.option("--torch-path", multiple=True, metavar="DIR", help="put DIR first on the torch worker's sys.path")
+@click.option("--paddle-path", multiple=True, metavar="DIR", help="put DIR first on the paddle worker's sys.path")
 @click.option("--mapping", default=None, help="weight mapping TOML file or built-in name")
 @click.option("--layer-map", default=None, type=click.Path(dir_okay=False), help="TOML overriding the layer pairing")
 @click.option("--paddle-inject", multiple=True, help="deliberate porting bug (negative control), e.g. ln_eps:3:1e-5")
@@ -47,6 +49,8 @@ def command(**kw) -> None:
     def say(s: str) -> None:
         print(s, flush=True)
     try:
+        from ..modelspec import check_specs
+        check_specs(kw["torch_model"], kw["paddle_model"], kw["model_path"])
         over = {}
         for item in kw["params"]:
             key, sep, value = item.partition("=")
@@ -63,6 +67,7 @@ def command(**kw) -> None:
                           params=resolve(over), tolerances=_parse_tolerances(kw["tolerances"]),
                           schedule=kw["schedule"], threads=kw["threads"], env_set=env_set,
                           torch_device=kw["torch_device"], paddle_device=kw["paddle_device"])
+        opts.torch_path, opts.paddle_path = list(kw["torch_path"]), list(kw["paddle_path"])
         out.mkdir(parents=True, exist_ok=True)
         say(f"lockstep debug -> {out}")
         specs = _worker_specs(opts, kw["no_create"], say)

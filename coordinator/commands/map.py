@@ -45,6 +45,8 @@ def command(**kw) -> None:
     try:
         if kw["suggest"] == bool(kw["check"]):
             raise UsageError("map: give exactly one of --suggest or --check FILE")
+        from ..modelspec import check_specs
+        check_specs(kw["torch_model"], kw["paddle_model"], kw["model_path"])
         sys.exit(_map(kw, say))
     except LockstepError as exc:
         console.print(f"error: {exc}", markup=False, style="red", soft_wrap=True)
