@@ -124,7 +124,8 @@ def _worker_specs(opts, no_create: bool, say) -> dict:
         if override:
             argv = json.loads(override)
         else:
-            spec = E.env_spec(name, opts.env_set)
+            env_set = opts.env_set if opts.env_set != "auto" else ("cpu" if device == "cpu" else "gpu")
+            spec = E.env_spec(name, env_set)
             if not spec.ready():
                 if no_create:
                     E.require_ready(spec)
@@ -207,7 +208,7 @@ def _device_env(name: str, device: str) -> dict[str, str]:
 @click.option("--schedule", type=click.Choice(["auto", "parallel", "alternate"]), default="auto", show_default=True)
 @click.option("--threads", default=0, help="threads per worker (default: all cores when the workers take "
               "turns, half each when they run in parallel)")
-@click.option("--env-set", type=click.Choice(["cpu", "gpu"]), default=None, help="default: gpu if a device is a GPU")
+@click.option("--env-set", type=click.Choice(["cpu", "gpu"]), default=None, help="worker environments: cpu or gpu builds (default: each worker's by its device)")
 @click.option("--torch-device", default="cpu", show_default=True, help="cpu or cuda:N")
 @click.option("--paddle-device", default="cpu", show_default=True, help="cpu or gpu:N")
 @click.option("--allow-shared-gpu", is_flag=True, help="let both workers use the same GPU")
@@ -249,8 +250,11 @@ def run(**kw) -> None:
             from .mapping import WeightMap
             WeightMap.load(kw["mapping"])  # likewise a missing, malformed or misspelled mapping file
         _check_devices(kw["torch_device"], kw["paddle_device"], kw["allow_shared_gpu"])
+        if not kw["listen"]:
+            from .placement import check_local_gpus
+            check_local_gpus(kw["torch_device"], kw["paddle_device"])
         server_curve = _listen_keys(kw, say)
-        env_set = kw["env_set"] or ("gpu" if kw["torch_device"] != "cpu" or kw["paddle_device"] != "cpu" else "cpu")
+        env_set = kw["env_set"] or "auto"   # auto: each worker's by its device (_worker_specs)
         deadlines = {"*": kw["timeout"]} if kw["timeout"] else {}  # every op (session.DEFAULT_DEADLINES)
         if kw["hello_timeout"]:
             deadlines["hello"] = kw["hello_timeout"]

@@ -102,14 +102,19 @@ def create(spec: EnvSpec, force: bool = False, progress: Callable[[str], None] =
         if spec.ready() and not force:
             return 0.0
         tmp = Path(f"{spec.path}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        progress(f"[{spec.name}] creating virtualenv {spec.path.name}")
-        _run([sys.executable, "-m", "venv", str(tmp)], spec, progress)
-        progress(f"[{spec.name}] installing {spec.requirements.name} (takes a few minutes)")
-        _run([str(tmp / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
-              "-r", str(spec.requirements)], spec, progress)
-        progress(f"[{spec.name}] checking that the framework imports")
-        _run([str(tmp / "bin" / "python"), "-c", WORKERS[spec.name][2]], spec, progress)
+        for stale in spec.path.parent.glob(f"{spec.path.name}.tmp-*"):  # a build that died (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        try:
+            progress(f"[{spec.name}] creating virtualenv {spec.path.name}")
+            _run([sys.executable, "-m", "venv", str(tmp)], spec, progress)
+            progress(f"[{spec.name}] installing {spec.requirements.name} (takes a few minutes)")
+            _run([str(tmp / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check",
+                  "-r", str(spec.requirements)], spec, progress)
+            progress(f"[{spec.name}] checking that the framework imports")
+            _run([str(tmp / "bin" / "python"), "-c", WORKERS[spec.name][2]], spec, progress)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)   # a failed build leaves no GBs behind
+            raise
         (tmp / "lockstep-env.json").write_text(json.dumps({
             "name": spec.name, "env_set": spec.env_set, "requirements": spec.requirements.read_text(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "python": sys.version.split()[0]}, indent=1))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-from .errors import UsageError
+from .errors import EnvironmentProblem, UsageError
 
 GPU_DETERMINISM_ENV = {"NVIDIA_TF32_OVERRIDE": "0",          # no TF32 in any CUDA library
                        "CUBLAS_WORKSPACE_CONFIG": ":4096:8",  # deterministic cuBLAS (torch asks for it)
@@ -68,6 +68,34 @@ def check_device_flags(torch_device: str, paddle_device: str, allow_shared: bool
     if tp is not None and tp == pp and not allow_shared:
         raise UsageError(f"both workers would use GPU {tp} ({torch_device} and {paddle_device}): pin them to "
                          f"different GPUs or pass --allow-shared-gpu")
+
+
+def nvidia_driver_present() -> bool:
+    """An NVIDIA driver on this host (what a local GPU worker needs); no CUDA library is loaded."""
+    import shutil
+    return os.path.exists("/proc/driver/nvidia/version") or shutil.which("nvidia-smi") is not None
+
+
+def check_local_gpus(torch_device: str, paddle_device: str) -> None:
+    """Local workers asked for a GPU on a host without an NVIDIA driver: refuse before GPU
+    environments (GBs) are built for nothing."""
+    asked = [f"--{n}-device {d}" for n, d in (("torch", torch_device), ("paddle", paddle_device)) if d != "cpu"]
+    if asked and not nvidia_driver_present():
+        raise EnvironmentProblem(f"{' and '.join(asked)}: this machine has no NVIDIA GPU driver (no "
+                                 f"/proc/driver/nvidia/version, no nvidia-smi); use cpu here, or run the worker "
+                                 f"on a GPU host (coordinator run --listen ..., docs/remote-and-gpu.md)")
+
+
+def check_hello_devices(hellos: Mapping[str, dict]) -> None:
+    """A worker on a GPU device whose framework sees no CUDA (a CPU build, or no GPU on its host)
+    would fail in its first op with an assertion: refuse at the handshake, naming it."""
+    for name, h in hellos.items():
+        device = str(h.get("device", "cpu"))
+        if device != "cpu" and h.get("cuda_available") is False:
+            raise EnvironmentProblem(
+                f"{name} worker was started on {device}, but its {h.get('framework', name)} "
+                f"{h.get('framework_version', '')} sees no CUDA (a CPU build, or no GPU on its host): use "
+                f"--{name}-device cpu, or the GPU environment (coordinator envs create {name} --env-set gpu)")
 
 
 def check_hello_gpus(hellos: Mapping[str, dict], allow_shared: bool) -> str | None:

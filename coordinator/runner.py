@@ -379,9 +379,10 @@ def _note_security(summary: Summary, session: Session) -> None:
 
 def _check_placement(opts: RunOptions, hellos: dict[str, dict], summary: Summary, say: Callable[[str], None]) -> str:
     """Print the workers, refuse a shared GPU, record determinism and the schedule; return the schedule."""
-    from .placement import check_hello_gpus, describe, determinism_report, same_host
+    from .placement import check_hello_devices, check_hello_gpus, describe, determinism_report, same_host
     for name, h in hellos.items():
         say(f"  {describe(name, h)}")
+    check_hello_devices(hellos)
     shared = check_hello_gpus(hellos, opts.allow_shared_gpu)
     if shared:
         say(f"  note: {shared}")

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, coordinator, fake_env, load_summary
-from coordinator.errors import ExitCode, UsageError
-from coordinator.placement import (check_device_flags, check_hello_gpus, determinism_report, device_env,
-                                   malloc_env, physical_gpu, same_host, worker_env)
+from coordinator.errors import EnvironmentProblem, ExitCode, UsageError
+from coordinator import placement
+from coordinator.placement import (check_device_flags, check_hello_devices, check_hello_gpus, check_local_gpus,
+                                   determinism_report, device_env, malloc_env, physical_gpu, same_host, worker_env)
 from coordinator.runner import choose_schedule, worker_threads
 from coordinator.security import is_loopback
 
@@ -184,6 +185,23 @@ def test_same_gpu_by_index_is_refused_unless_allowed():
 def test_same_gpu_on_the_cli_exits_2(fake_run):
     proc, _ = fake_run("--steps", "weights", "--torch-device", "cuda:0", "--paddle-device", "gpu:0")
     assert proc.returncode == ExitCode.USAGE and "--allow-shared-gpu" in proc.stdout
+
+
+def test_a_local_gpu_device_without_a_driver_stops_before_anything_is_built(monkeypatch):
+    monkeypatch.setattr(placement, "nvidia_driver_present", lambda: False)
+    with pytest.raises(EnvironmentProblem, match="--torch-device cuda:0: this machine has no NVIDIA GPU driver"):
+        check_local_gpus("cuda:0", "cpu")
+    check_local_gpus("cpu", "cpu")                      # CPU workers need no driver
+    monkeypatch.setattr(placement, "nvidia_driver_present", lambda: True)
+    check_local_gpus("cuda:0", "gpu:1")                 # the control: with a driver it goes on
+
+
+def test_a_worker_on_a_gpu_whose_framework_sees_no_cuda_is_refused_at_hello():
+    cpu_build = {"framework": "torch", "framework_version": "2.13.0+cpu", "device": "cuda:0", "cuda_available": False}
+    with pytest.raises(EnvironmentProblem, match="torch worker was started on cuda:0, but its torch 2.13.0.cpu sees "
+                                                 "no CUDA"):
+        check_hello_devices({"torch": cpu_build, "paddle": {"device": "cpu", "cuda_available": False}})
+    check_hello_devices({"torch": dict(cpu_build, cuda_available=True), "paddle": {"device": "cpu"}})
 
 
 def _hello(uuid, **extra):

@@ -60,7 +60,9 @@ def command(**kw) -> None:
         if kw["layer_map"]:
             over["layer_map"] = str(Path(kw["layer_map"]).resolve())
         out = (kw["out"] or Path("runs") / f"debug-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-        env_set = "gpu" if kw["torch_device"] != "cpu" or kw["paddle_device"] != "cpu" else "cpu"
+        from ..placement import check_local_gpus
+        check_local_gpus(kw["torch_device"], kw["paddle_device"])
+        env_set = "auto"   # each worker's by its device
         opts = RunOptions(steps=["debug"], out=out, seed=kw["seed"], torch_model=kw["torch_model"],
                           paddle_model=kw["paddle_model"], model_path=kw["model_path"], mapping=kw["mapping"],
                           paddle_inject=list(kw["paddle_inject"]), torch_inject=list(kw["torch_inject"]),
