@@ -138,6 +138,7 @@ class Session:
             self.sock.curve_publickey = server_curve["public"]
             self.sock.curve_secretkey = server_curve["secret"]
         self.endpoint = endpoint or private_run_socket(self.run_dir)
+        self._own_sock = None if endpoint else Path(self.endpoint[len("ipc://"):])  # removed by close()
         self.sock.bind(self.endpoint)
         if self.endpoint.startswith("tcp://") and self.endpoint.endswith(":0"):
             self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -292,6 +293,13 @@ class Session:
                 h.ring.close()  # unmapped now, or with the last array still viewing it
         self.sock.close(0)
         self.ctx.term()
+        if self._own_sock is not None:   # the socket file and its private directory (.sock, or a temp one)
+            try:
+                self._own_sock.unlink(missing_ok=True)
+                self._own_sock.parent.rmdir()
+            except OSError:
+                pass
+            self._own_sock = None
 
     def _kill(self, h: WorkerHandle) -> str:
         """SIGTERM, then SIGKILL after TERM_GRACE_S; says which it took (a hang in C may ignore SIGTERM)."""

@@ -2,6 +2,7 @@
 
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,6 +22,23 @@ def test_aligned_run_writes_every_artifact(fake_run):
     assert all(x["passed"] for x in s["steps"])
     assert (out / "forward_diff.log").read_text().strip().endswith("diff check passed")
     assert s["workers"]["torch"]["protocol"] == 1
+    assert not (out / ".sock").exists()   # the private socket and its directory are gone after the run
+
+
+def test_a_long_run_path_socket_in_a_temp_directory_is_removed_too(tmp_path, monkeypatch):
+    """ipc paths are limited to ~107 bytes: a deep run directory gets its socket in a temp dir,
+    which close() removes (the control: it existed while the session was open)."""
+    from coordinator.session import Session
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    session = Session(deep)
+    sock = Path(session.endpoint[len("ipc://"):])
+    assert sock.parent.parent == tmp_path and sock.exists()
+    session.close()
+    assert not sock.parent.exists()
 
 
 def test_forward_divergence_is_flagged_and_named(fake_run):
