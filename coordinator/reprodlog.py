@@ -38,6 +38,10 @@ def format_report(diffs: Iterable[TensorDiff], method: str, threshold: float, no
     for d in diffs:
         lines.append(f"{prefix}{d.name}: ")
         value = {"mean": d.mean_abs, "max": d.max_abs, "min": d.min_abs}[method]
+        if method != "mean" and str(d.dtype).startswith(("int", "uint")) and value == value:
+            value = int(value)   # numpy's max/min of an integer |diff| is an integer: "0", not "0.0"
+        elif value != value and d.reason and not d.shape:
+            value = f"nan ({d.reason})"   # not a tensor statistic (e.g. a check on names): say why
         ok = bool(d.passed)  # computed by compare() with this same method and threshold
         all_passed = all_passed and ok
         lines.append(f"{prefix}\t{method} diff: check passed: {ok}, value: {value}")

@@ -41,6 +41,8 @@ def load_reprod_npy(path: str | Path) -> dict[str, np.ndarray]:
     path = Path(path)
     if not path.exists():
         raise UsageError(f"{path}: no such file")
+    if not path.is_file():
+        raise UsageError(f"{path}: not a file")
     with open(path, "rb") as f:
         try:
             version = npy_format.read_magic(f)

@@ -225,6 +225,9 @@ def test_compare_refuses_broadcasting_shapes(tmp_path):
     proc = _compare(tmp_path, {"acc": np.array([0.5])}, {"acc": np.array(0.5)})
     assert proc.returncode == ExitCode.DIVERGED
     assert "shape mismatch: A (1,) vs B ()" in proc.stdout
+    w = np.arange(6, dtype=np.float32).reshape(3, 2)   # reprod_log would transpose A and pass this
+    proc = _compare(tmp_path, {"fc.weight": w}, {"fc.weight": np.ascontiguousarray(w.T)})
+    assert proc.returncode == ExitCode.DIVERGED and "shape mismatch: A (3, 2) vs B (2, 3)" in proc.stdout
 
 
 def test_compare_key_set_mismatch_names_the_keys(tmp_path):
@@ -235,6 +238,22 @@ def test_compare_key_set_mismatch_names_the_keys(tmp_path):
     assert "keys only in a.npy (1): step_100_lr" in proc.stdout
     assert "keys only in b.npy (1): step_101_lr" in proc.stdout
     assert "2/2 common keys within" in proc.stdout and "diff check failed" in proc.stdout
+    proc = _compare(tmp_path, a, b, "--out", str(tmp_path / "diff.log"))   # the log says why, too
+    log = (tmp_path / "diff.log").read_text()
+    assert "diff check failed" in log and "# FAIL keys only in a.npy (1): step_100_lr" in log
+
+
+def test_compare_bad_paths_are_usage_errors_not_tracebacks(tmp_path):
+    x = {"loss": np.zeros(1)}
+    for extra, message in ((["--out", str(tmp_path / "no" / "such" / "x.log")], "cannot write the report"),
+                           ([], "not a file")):
+        if not extra:   # B is a directory
+            save_npy(tmp_path / "a.npy", x)
+            proc = coordinator(["compare", str(tmp_path / "a.npy"), str(tmp_path)])
+        else:
+            proc = _compare(tmp_path, x, x, *extra)
+        assert proc.returncode == ExitCode.USAGE, proc.stdout + proc.stderr
+        assert message in proc.stderr and "Traceback" not in proc.stderr
 
 
 class _Evil:

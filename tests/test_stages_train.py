@@ -69,6 +69,10 @@ def test_backward_aligns_every_gradient_and_parameter(aligned):
     assert set(t) == set(p) == {"loss_0", "loss_1", "loss_2", "lr_0", "lr_1", "lr_2"}
     lines = (out / "backward_params.jsonl").read_text().splitlines()
     assert len(lines) == 2 * 2 * 105 and "bert.encoder.layers.0.self_attn.q_proj.weight" in "".join(lines)
+    assert _reprod_report(out, "backward", "1e-5") == _ours(out / "backward_diff.log")   # reprod_log agrees
+    assert [ln.split(":")[1].strip() for ln in _ours(out / "backward_tensors_diff.log")[::2][:-1]] == \
+        ["decay_groups", "grad_0", "param_0", "grad_2", "param_2"]
+    assert bw["tolerance"].startswith("loss max <= 1e-05, grad max <= 1e-05, param max <= 5e-06")
 
 
 @pytest.mark.timeout(450)
@@ -112,6 +116,36 @@ def test_adamw_eps_bug_fails_at_first_iteration_naming_a_parameter(tmp_path):
     assert row["param_max"] > 5e-6
     pf = _step(out, "perf")   # slower/faster can never reach 1.01: the verdict logic must say so
     assert not pf["passed"] and "< 1.01" in pf["message"]
+    # the parameters' failure is in backward_tensors_diff.log; backward_diff.log holds only what the
+    # .npy files hold (loss, lr), so reprod_log on them writes the same report (it passes here)
+    assert _reprod_report(out, "backward", "1e-5") == _ours(out / "backward_diff.log")
+    tensors = _ours(out / "backward_tensors_diff.log")
+    assert tensors[-1] == "root INFO: diff check failed"
+    assert any(ln.startswith("root INFO: \tmax diff: check passed: False") for ln in tensors)
+
+
+REPROD = """
+import sys
+from reprod_log import ReprodDiffHelper
+h = ReprodDiffHelper()
+h.compare_info(h.load_info(sys.argv[1]), h.load_info(sys.argv[2]))
+h.report(diff_method="max", diff_threshold=float(sys.argv[3]), path=sys.argv[4])
+"""
+
+
+def _ours(path) -> list[str]:
+    """A report's lines without their timestamps."""
+    return [ln.split("] ", 1)[1] for ln in path.read_text().strip().splitlines()]
+
+
+def _reprod_report(out, step: str, threshold: str) -> list[str]:
+    """reprod_log itself (in the paddle environment, which has it) on our .npy files."""
+    from real_envs import run_in_env
+    log = out / f"{step}_reprod.log"
+    argv = ["x", str(out / f"{step}_torch.npy"), str(out / f"{step}_paddle.npy"), threshold, str(log)]
+    r = run_in_env("paddle", f"import sys; sys.argv = {argv!r}; exec({REPROD!r})")
+    assert r.returncode == 0, r.stderr[-2000:]
+    return _ours(log)
 
 
 @pytest.mark.timeout(300)

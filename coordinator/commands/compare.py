@@ -3,8 +3,9 @@
 Does what ``ReprodDiffHelper().compare_info(...); .report(...)`` does, with three differences:
 the files are read with ``safe_npy.load_reprod_npy`` (a restricted unpickler: a crafted
 ``.npy`` is refused, never executed); a NaN/Inf or a shape mismatch is a failure (reprod_log
-prints ``check passed: True`` for a NaN and broadcasts shapes); differing key sets are
-reported by name instead of an assertion error. The report has reprod_log's format.
+prints ``check passed: True`` for a NaN, broadcasts shapes and transposes A when that makes the
+shapes match); differing key sets are reported by name instead of an assertion error; nested
+dicts are refused. The report has reprod_log's format (docs/stages.md).
 
 Exit codes: 0 every key within the threshold, 1 a key differs / is missing on one side,
 2 bad input (missing file, not a reprod_log dict, refused pickle, bad option).
@@ -38,7 +39,7 @@ def compare_files(a_path: Path, b_path: Path, tol: Tolerance) -> tuple[list[Tens
               help="statistic of |A-B| per key (reprod_log's diff_method)")
 @click.option("--threshold", type=float, default=1e-6, show_default=True, help="reprod_log's diff_threshold")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="also write the report here (reprod_log's diff.log format)")
+              help="also write the report here (reprod_log's diff.log format, then the reasons as # lines)")
 def command(a: Path, b: Path, method: str, threshold: float, out: Path | None) -> None:
     """Compare two reprod_log .npy files (A = reference) key by key; exit 0 pass, 1 fail, 2 bad input."""
     from ..reprodlog import format_report
@@ -56,17 +57,21 @@ def command(a: Path, b: Path, method: str, threshold: float, out: Path | None) -
     text = format_report(diffs, method, threshold)
     if only_a or only_b:  # reprod_log would stop on an assertion; say which keys and fail the check
         text = text.replace("diff check passed", "diff check failed")
-    click.echo(text, nl=False)
-    if out is not None:
-        out.write_text(text)
     failing = [d for d in diffs if not d.passed]
-    for d in failing:
-        click.echo(f"FAIL {d.name}: {d.reason}")
+    why = [f"FAIL {d.name}: {d.reason}" for d in failing]
     if only_a:
-        click.echo(f"FAIL keys only in {a.name} ({len(only_a)}): {', '.join(only_a)}")
+        why.append(f"FAIL keys only in {a.name} ({len(only_a)}): {', '.join(only_a)}")
     if only_b:
-        click.echo(f"FAIL keys only in {b.name} ({len(only_b)}): {', '.join(only_b)}")
+        why.append(f"FAIL keys only in {b.name} ({len(only_b)}): {', '.join(only_b)}")
     ok = not failing and not only_a and not only_b
-    click.echo(f"{len(diffs) - len(failing)}/{len(diffs)} common keys within {tol.describe()}; "
+    why.append(f"{len(diffs) - len(failing)}/{len(diffs)} common keys within {tol.describe()}; "
                f"{'passed' if ok else 'failed'}")
+    click.echo(text, nl=False)
+    click.echo("\n".join(why))
+    if out is not None:   # the report; when it failed, then why (e.g. the key sets) as # comment lines
+        try:
+            out.write_text(text + ("" if ok else "".join(f"# {line}\n" for line in why)))
+        except OSError as exc:
+            click.echo(f"error: --out {out}: cannot write the report ({exc.strerror or exc})", err=True)
+            sys.exit(ExitCode.USAGE)
     sys.exit(ExitCode.ALIGNED if ok else ExitCode.DIVERGED)

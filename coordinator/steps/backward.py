@@ -137,7 +137,8 @@ def _run(rc: RunContext) -> StepResult:
     elif first_fail:
         extra = f"first divergence at {first_fail}"
     rc.say(f"  {DROPOUT_NOTE[mode]}")
-    res = finish(rc, "backward", t_npy, p_npy, diffs, tols["param"], details, extra_fail=extra)
+    res = finish(rc, "backward", t_npy, p_npy, diffs, tols["loss"], details, extra_fail=extra)
+    res.tolerance = ", ".join(f"{k} {v.describe()}" for k, v in tols.items())   # each kind has its own
     if res.passed:
         gmax = max((r["grad_max"] for r in rows if r["grad_max"] is not None), default=0.0)
         pmax = max((r["param_max"] for r in rows if r["param_max"] is not None), default=0.0)

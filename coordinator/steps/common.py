@@ -120,10 +120,19 @@ def diff_dicts(torch_d: dict[str, Any], paddle_d: dict[str, Any], tol: Tolerance
 def finish(rc: RunContext, step: str, torch_d: dict[str, Any], paddle_d: dict[str, Any],
            diffs: list[TensorDiff], tol: Tolerance, details: dict[str, Any] | None = None,
            extra_fail: str = "") -> StepResult:
-    """Write <step>_torch.npy, <step>_paddle.npy, <step>_diff.log and build the result."""
+    """Write <step>_torch.npy, <step>_paddle.npy, <step>_diff.log and build the result.
+
+    ``<step>_diff.log`` holds the diffs of the keys in the ``.npy`` files, so that reprod_log run
+    on those files writes the same report; checks on data not in them (the backward step's
+    gradients and parameters) go to ``<step>_tensors_diff.log`` in the same format. The verdict
+    is on all of them."""
     save_npy(rc.out / f"{step}_torch.npy", torch_d)
     save_npy(rc.out / f"{step}_paddle.npy", paddle_d)
-    write_report(rc.out / f"{step}_diff.log", diffs, tol.method, tol.threshold)
+    in_npy = [d for d in diffs if d.name in torch_d or d.name in paddle_d]
+    write_report(rc.out / f"{step}_diff.log", in_npy, tol.method, tol.threshold)
+    others = [d for d in diffs if d.name not in torch_d and d.name not in paddle_d]
+    if others:
+        write_report(rc.out / f"{step}_tensors_diff.log", others, tol.method, tol.threshold)
     passed = all(d.passed for d in diffs) and not extra_fail
     finite = [d.value for d in diffs if d.value == d.value]
     worst = max(finite) if finite else None

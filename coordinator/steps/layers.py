@@ -67,7 +67,8 @@ def run(rc: RunContext) -> StepResult:
                + f" layer tensors within tolerance ({fwd_tol.describe()})")
     else:
         msg = failures[0]
-    return StepResult("layers", passed, worst, fwd_tol.describe(), msg, [], details)
+    tolerance = f"forward {fwd_tol.describe()}; backward {bwd_tol.describe()}" if ran_backward else fwd_tol.describe()
+    return StepResult("layers", passed, worst, tolerance, msg, [], details)
 
 
 def _phase(rc: RunContext, lmap: Any, cap: Any, inputs: dict, tol: Any, labels: Any,
@@ -103,9 +104,13 @@ def _phase(rc: RunContext, lmap: Any, cap: Any, inputs: dict, tol: Any, labels: 
 
 
 def _write_tsv(rc: RunContext, rows: list[dict[str, Any]]) -> None:
-    """layers.tsv: one line per compared tensor, for grep and spreadsheets."""
-    cols = ("phase", "what", "seq", "torch", "paddle", "torch_type", "shape", "max_abs", "norm_err", "passed")
+    """layers.tsv: one line per compared tensor, for grep and spreadsheets. ``n`` numbers the rows
+    within their phase as report.html does; ``seq`` is the worker's event number."""
+    cols = ("phase", "n", "what", "seq", "torch", "paddle", "torch_type", "shape", "max_abs", "norm_err",
+            "tolerance", "passed")
+    n: Counter = Counter()
     with open(rc.out / "layers.tsv", "w") as f:
         f.write("\t".join(cols) + "\n")
         for r in rows:
-            f.write("\t".join(str(r.get(c, "")) for c in cols) + "\n")
+            n[r.get("phase")] += 1
+            f.write("\t".join(str(n[r.get("phase")] if c == "n" else r.get(c, "")) for c in cols) + "\n")
