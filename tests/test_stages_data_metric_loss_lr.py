@@ -409,7 +409,10 @@ def test_reprod_log_reads_our_lr_and_metric_files_and_agrees(which, request, tmp
     script = tmp_path / "check.py"
     script.write_text(REPROD)
     strip = lambda lines: [ln.split("] ", 1)[1] for ln in lines]  # noqa: E731  (timestamps differ)
-    for step, threshold in (("lr", "1e-15"), ("metric", "0")):
+    steps = [("lr", "1e-15"), ("metric", "0"), ("loss", "1e-6")]
+    if which == "aligned":   # reprod_log itself crashes on the broken tokenizer's different lengths
+        steps.append(("data", "0"))
+    for step, threshold in steps:
         log = tmp_path / f"{step}_reprod.log"
         argv = ["x", str(out / f"{step}_torch.npy"), str(out / f"{step}_paddle.npy"), "max", threshold, str(log)]
         r = run_in_env("paddle", f"import sys; sys.argv = {argv!r}; exec(open({str(script)!r}).read())")
@@ -418,6 +421,8 @@ def test_reprod_log_reads_our_lr_and_metric_files_and_agrees(which, request, tmp
         ours = strip((out / f"{step}_diff.log").read_text().strip().splitlines())
         assert theirs[-1] == ours[-1] == ("root INFO: diff check " + ("passed" if which == "aligned" else "failed"))
         assert [ln.split(", value:")[0] for ln in theirs] == [ln.split(", value:")[0] for ln in ours]
+        if step != "lr":   # the very values too (lr: reprod_log prints numpy's float repr of a 0-d diff)
+            assert theirs == ours, [(a, b) for a, b in zip(theirs, ours) if a != b][:3]
         # and our offline command agrees with both
         c = coordinator(["compare", str(out / f"{step}_torch.npy"), str(out / f"{step}_paddle.npy"),
                          "--method", "max", "--threshold", threshold])
