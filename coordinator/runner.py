@@ -236,7 +236,9 @@ def run(opts: RunOptions, worker_specs: dict[str, WorkerSpec], say: Callable[[st
     summary = Summary(opts.out, dict(header or {}, steps_requested=opts.steps))
     session = _open_session(opts, server_curve)
     session.interrupt_grace = opts.interrupt_grace
-    old = signal.signal(signal.SIGINT, _interrupt_handler(session, summary))
+    handler = _interrupt_handler(session, summary)
+    old = signal.signal(signal.SIGINT, handler)
+    old_term = signal.signal(signal.SIGTERM, handler)   # kill, timeout, systemd: stopped like Ctrl-C
     code = ExitCode.ALIGNED
     try:
         _start_workers(session, opts, worker_specs, say)
@@ -293,6 +295,7 @@ def run(opts: RunOptions, worker_specs: dict[str, WorkerSpec], say: Callable[[st
         raise
     finally:
         signal.signal(signal.SIGINT, old)
+        signal.signal(signal.SIGTERM, old_term)
         session.close()
         os.close(lock_fd)
         _write_html_report(opts.out, say)
@@ -333,7 +336,8 @@ def _interrupt_handler(session: Session, summary: Summary) -> Callable[[int, Any
             finally:
                 os._exit(ExitCode.INTERRUPTED)
         session.interrupt()
-        os.write(2, f"\ninterrupt: starting no new op; the op in flight has {session.interrupt_grace:g}s to finish "
+        what = "SIGTERM" if signum == signal.SIGTERM else "interrupt"
+        os.write(2, f"\n{what}: starting no new op; the op in flight has {session.interrupt_grace:g}s to finish "
                     f"(Ctrl-C again to kill the workers at once)\n".encode())
 
     return on_sigint
@@ -360,8 +364,11 @@ def _start_workers(session: Session, opts: RunOptions, specs: dict[str, WorkerSp
     secure = session.auth is not None
     say(f"listening on {session.endpoint} ({'CURVE, 2 admitted worker keys' if secure else 'NO encryption'}); "
         f"start the workers:")
+    from .security import is_loopback
     for spec in specs.values():
         keys = f" --curve-keys {spec.name}.key" if secure else ""
+        if not secure and not is_loopback(session.endpoint):
+            keys = " --insecure"   # the worker refuses plaintext to another host without it, too
         spec.fix = (f"start it on its host: coordinator worker {spec.name} --connect "
                     f"tcp://<this host>:{session.endpoint.rsplit(':', 1)[-1]}{keys}")
         session.expect_remote(spec)

@@ -189,8 +189,9 @@ def check_transport(endpoint: str, have_keys: bool, insecure: bool, role: str) -
     if have_keys or is_loopback(endpoint):
         return None
     if not insecure:
+        who = "any client could join" if role == "--listen" else "anyone on the way could read or impersonate them"
         raise UsageError(f"{role} {endpoint} is reachable from other hosts and no --curve-keys were given: "
-                         f"tensors and weights would cross the network unencrypted and any client could join. "
+                         f"tensors and weights would cross the network unencrypted and {who}. "
                          f"Create keys with `coordinator keys DIR` and pass --curve-keys, or pass --insecure "
                          f"on a network you trust")
     return (f"WARNING: {role} {endpoint} without CURVE keys (--insecure): traffic is unencrypted and "

@@ -51,6 +51,10 @@ class WorkerSpec:
     fix: str = ""                  # what to tell the user when this worker cannot start
 
 
+HEARTBEAT_MS = 2000   # remote (tcp) connections: ZMTP ping interval; a peer silent 5x that is dropped
+PROBE_S = 1.0         # how often a remote worker's connection is checked while waiting
+
+
 @dataclass
 class WorkerHandle:
     spec: WorkerSpec
@@ -129,6 +133,15 @@ class Session:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.sock.setsockopt(zmq.MAXMSGSIZE, codec.MAX_FRAME_BYTES)  # ZeroMQ drops a peer sending more
+        if endpoint and endpoint.startswith("tcp://"):
+            # Remote workers: ZMTP heartbeats drop a peer whose host vanished (no FIN) within
+            # seconds; "[::1]" needs IPv6 on. No ROUTER_HANDOVER: a second connection under a
+            # name already connected is refused (it could hold the other worker's key), and that
+            # worker exits (protocol/worker.py _Link).
+            self.sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
+            self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5 * HEARTBEAT_MS)
+            self.sock.setsockopt(zmq.IPV6, 1)
+        self._probed: dict[str, float] = {}   # remote workers: when each was last checked for a connection
         self.auth = None
         if server_curve:
             from .security import start_authenticator
@@ -225,11 +238,15 @@ class Session:
             left = deadline - time.monotonic()
             if left <= 0:
                 who = ", ".join(sorted(pending))
-                tails = "\n".join(f"--- {n} log tail ---\n{self.workers[n].log_tail()}" for n in sorted(pending))
+                local = [n for n in sorted(pending) if self.workers[n].proc is not None]
+                tails = "\n".join(f"--- {n} log tail ---\n{self.workers[n].log_tail()}" for n in local)
                 fixes = "".join(f"\n{n}: {self.workers[n].spec.fix}" for n in sorted(pending) if self.workers[n].spec.fix)
                 auth = f"\n{self.auth.explain()}" if self.auth is not None else ""
-                raise WorkerStartupError(f"no HELLO from {who} worker within {timeout:g}s (started, but silent: "
-                                         f"stuck importing, or cannot reach {self.endpoint}){fixes}{auth}\n{tails}")
+                why = (f"started, but silent: stuck importing, or cannot reach {self.endpoint}" if local else
+                       f"remote: not started, cannot reach {self.endpoint}, or refused (its own output says "
+                       f"why)")
+                raise WorkerStartupError(f"no HELLO from {who} worker within {timeout:g}s ({why}){fixes}{auth}"
+                                         + (f"\n{tails}" if tails else ""))
             got = self._recv(min(left, LIVENESS_S))
             if got is None:
                 self._check_alive(pending, op="hello (start-up)", startup=True)
@@ -440,10 +457,9 @@ class Session:
         if self.interrupted_at is None or time.monotonic() < self.interrupted_at + self.interrupt_grace:
             return
         busy = ", ".join(f"{calls[n][0]!r} on {n}" for n in outstanding)
-        for n in outstanding:  # its op would run on: stop it now rather than in close()
-            self._kill(self.workers[n])
+        how = "; ".join(f"{n}: {self._kill(self.workers[n])}" for n in outstanding)  # rather than in close()
         raise Interrupted(f"interrupted: {busy} did not finish within the {self.interrupt_grace:g}s grace period; "
-                          f"stopped the worker")
+                          f"{how}")
 
     def _next_for(self, outstanding: dict[str, int]) -> tuple[str, Message] | None:
         for i, (name, msg) in enumerate(self._inbox):
@@ -505,6 +521,8 @@ class Session:
     def _check_alive(self, names: set[str], op: str | None, startup: bool = False) -> None:
         for n in sorted(names):
             h = self.workers[n]
+            if h.proc is None and h.hello and not h.stopped:
+                self._probe_remote(n, op)
             if h.proc is None or h.stopped or h.proc.poll() is None:
                 continue
             what = op or h.current_op
@@ -516,6 +534,27 @@ class Session:
                                          f"{_startup_hint(h)}\nlog {h.log_path}:\n{h.log_tail()}")
             raise WorkerDied(f"{n} worker {h.exit_description()} {when}{stopped}; "
                              f"log {h.log_path}:\n{h.log_tail()}")
+
+    def _probe_remote(self, name: str, op: str | None) -> None:
+        """A remote worker has no process here to poll: every PROBE_S, send it a no-op (a pacing
+        credit for request 0, which workers skip) that ROUTER_MANDATORY refuses at once when its
+        connection is gone (the process died, or heartbeats timed out): a death, not a hang."""
+        now = time.monotonic()
+        if now - self._probed.get(name, 0.0) < PROBE_S:
+            return
+        self._probed[name] = now
+        h = self.workers[name]
+        try:
+            self.sock.send_multipart([name.encode(), *encode("request", 0, "credit", {})], flags=zmq.NOBLOCK)
+        except zmq.ZMQError as exc:
+            if exc.errno != zmq.EHOSTUNREACH:
+                return   # EAGAIN: connected, its queue is full (busy): alive
+            what = op or h.current_op
+            when = f"during {what}" if what else f"while idle (last op {h.last_op or 'none'})"
+            host = h.hello.get("host", "?")
+            raise WorkerDied(f"{name} worker (remote, on {host}, pid {h.hello.get('pid', '?')}) lost its connection "
+                             f"{when}: its process died or its host stopped answering heartbeats "
+                             f"({5 * HEARTBEAT_MS / 1000:g}s); its log is on {host}") from None
 
     def _hung(self, name: str, op: str, limit: float, malformed: int = 0) -> None:
         h = self.workers[name]

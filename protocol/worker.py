@@ -190,6 +190,7 @@ def serve(name: str, endpoint: str, handlers: dict[str, Handler], hello: dict[st
         sock.curve_publickey = curve["public"]
         sock.curve_secretkey = curve["secret"]
         sock.curve_serverkey = curve["server"]
+    link = _Link(sock, name, endpoint) if endpoint.startswith("tcp://") else None
     sock.connect(endpoint)
     ring = shm.writer_from_env()  # local workers: large tensors go through shared memory
     info = dict(hello, protocol=PROTOCOL_VERSION, worker=name, pid=os.getpid(), host=platform.node(),
@@ -200,6 +201,10 @@ def serve(name: str, endpoint: str, handlers: dict[str, Handler], hello: dict[st
     pending: list = []  # messages that arrived while a paced op waited for credit
     try:
         while True:
+            if not pending and link is not None:
+                while not sock.poll(200):   # a remote worker watches its connection between requests
+                    link.check()
+                link.check()
             frames = pending.pop(0) if pending else sock.recv_multipart(copy=False)
             try:
                 msg = decode(frames)
@@ -219,6 +224,13 @@ def serve(name: str, endpoint: str, handlers: dict[str, Handler], hello: dict[st
                 handled = _dispatch(sock, name, handlers, msg, counters, ring, pending)
             except _Shutdown:
                 return 0
+            except zmq.Again:   # remote: a reply that could not leave for SEND_TIMEOUT_MS
+                if link is None:
+                    raise
+                link.check()
+                print(f"[{name}] could not send to the coordinator at {endpoint} for {SEND_TIMEOUT_MS / 1000:g}s; "
+                      f"exiting", file=sys.stderr, flush=True)
+                return 3
             if handled and after_op is not None:
                 try:
                     after_op()
@@ -226,10 +238,82 @@ def serve(name: str, endpoint: str, handlers: dict[str, Handler], hello: dict[st
                     print(f"[{name}] after-op hook failed, not called again: {type(exc).__name__}: {exc}",
                           file=sys.stderr, flush=True)
                     after_op = None
+    except _LinkDown as exc:
+        print(f"[{name}] {exc}", file=sys.stderr, flush=True)
+        return exc.code
     finally:
+        if link is not None:
+            link.close()
         sock.close(linger=2000)
         if ring is not None:
             ring.close()
+
+
+HEARTBEAT_MS = 2000        # remote (tcp): ZMTP pings; a coordinator silent 5x this long is disconnected
+SEND_TIMEOUT_MS = 60_000   # remote: a reply that cannot leave this long means the coordinator is gone
+
+
+class _LinkDown(Exception):
+    def __init__(self, message: str, code: int):
+        super().__init__(message)
+        self.code = code
+
+
+class _Link:
+    """A remote worker's view of its connection (socket monitor events), checked between requests.
+
+    A worker serves one coordinator run: once connected, losing the connection (the coordinator
+    stopped or was killed, its host vanished, or a restarted worker took this name over) ends it
+    with exit 3 instead of waiting forever, and it can never reconnect as a stale worker to the
+    next run. Refused handshakes (no keys against an encrypted coordinator, a key set that does
+    not match its server key, a key the coordinator does not admit) end it with exit 2, naming
+    the likely cause; libzmq would otherwise retry silently forever, or stop retrying and leave
+    the worker deaf."""
+
+    FAIL_LIMIT = 5
+
+    def __init__(self, sock: zmq.Socket, name: str, endpoint: str):
+        sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
+        sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5 * HEARTBEAT_MS)
+        sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
+        sock.setsockopt(zmq.IPV6, 1)
+        events = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                  | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+        self.mon = sock.get_monitor_socket(events)
+        self.name, self.endpoint = name, endpoint
+        self.up = False
+        self.failures = 0
+
+    def check(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+        while self.mon.poll(0):
+            ev = recv_monitor_message(self.mon)["event"]
+            if ev == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.up, self.failures = True, 0
+            elif ev == zmq.EVENT_DISCONNECTED and self.up:
+                raise _LinkDown(f"lost the connection to the coordinator at {self.endpoint} (it stopped, was killed, "
+                                f"or its host stopped answering; or a {self.name} worker was already connected to "
+                                f"it): a remote worker serves one run, exiting", 3)
+            elif ev == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:   # libzmq does not retry these: deaf from now on
+                raise _LinkDown(f"the coordinator at {self.endpoint} refused the connection (handshake protocol "
+                                f"error): it expects encrypted workers and this one has no --curve-keys, or the "
+                                f"other way round", 2)
+            elif ev == zmq.EVENT_HANDSHAKE_FAILED_AUTH:        # nor these
+                raise _LinkDown(f"the coordinator at {self.endpoint} refused the connection: its authenticator "
+                                f"does not admit this worker's key under the name {self.name!r}; use the "
+                                f"{self.name}.key that `coordinator keys` wrote next to its server.key", 2)
+            elif ev == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:   # retried every ~0.1 s
+                self.failures += 1
+                if self.failures >= self.FAIL_LIMIT:
+                    raise _LinkDown(f"the coordinator at {self.endpoint} refused the connection {self.failures} "
+                                    f"times: this worker's key file names another server key; use the "
+                                    f"{self.name}.key that `coordinator keys` wrote next to its server.key", 2)
+
+    def close(self) -> None:
+        try:
+            self.mon.close(0)
+        except zmq.ZMQError:
+            pass
 
 
 def _ring_warm(ring: shm.RingWriter | None, body: Any) -> dict:

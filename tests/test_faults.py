@@ -389,6 +389,19 @@ def test_summary_points_at_the_first_step_and_tensor_with_nan(runs, side):
 
 
 # -- Ctrl-C --------------------------------------------------------------------------------------
+def test_sigterm_stops_the_run_like_ctrl_c(runs):
+    """kill / timeout / systemd send SIGTERM: the same orderly stop, partial report, no workers left."""
+    run = runs("--steps", "weights,forward,weights", "--schedule", "alternate", "--interrupt-grace", "30",
+               paddle="slow=3@forward")
+    run.wait_for_stamp("paddle.slow@forward")
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait() == ExitCode.INTERRUPTED, run.stdout
+    s = assert_report_is_intact(run, ["weights", "forward"])
+    assert s["status"] == "interrupted" and "step 'weights' and later not started" in s["error"]
+    assert "SIGTERM: starting no new op" in run.stdout
+    assert_no_workers_left(run)
+
+
 def test_ctrl_c_lets_the_op_in_flight_finish_then_stops(runs):
     run = runs("--steps", "weights,forward,weights", "--schedule", "alternate", "--interrupt-grace", "30",
                paddle="slow=3@forward")

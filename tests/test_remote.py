@@ -225,11 +225,17 @@ def _intruder_keys(keys: Path, tmp_path: Path, kind: str) -> Path | None:
     ("torch's key as paddle", "authenticated as 'torch' claimed to be the paddle worker"),
 ])
 def test_intruder_gets_no_message_through_and_the_coordinator_says_why(keys, tmp_path, procs, kind, why):
+    """Refused at the door, named by the coordinator; the refused worker itself says why and exits 2
+    instead of retrying (or sitting deaf) forever."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     coord, out, log = start_coordinator(procs, tmp_path, endpoint, "--curve-keys", str(keys / "server.key"),
                                         hello_timeout=4)
     fake_worker(procs, tmp_path, "torch", endpoint, keys / "torch.key")          # the control: it gets in
-    fake_worker(procs, tmp_path, "paddle", endpoint, _intruder_keys(keys, tmp_path, kind))
+    intruder = fake_worker(procs, tmp_path, "paddle", endpoint, _intruder_keys(keys, tmp_path, kind))
+    if kind != "torch's key as paddle":   # a valid key gets through the handshake; its messages are dropped
+        assert intruder.wait(30) == ExitCode.USAGE
+        said = (tmp_path / f"paddle-{len(procs) - 1}.out").read_text()
+        assert "refused the connection" in said, said
     code, text = finish(coord, log)
     assert code == ExitCode.ENVIRONMENT, text
     assert "no HELLO from paddle worker within 4s" in text
@@ -257,6 +263,8 @@ def test_insecure_flag_allows_it_with_a_warning(tmp_path):
     assert proc.returncode == ExitCode.ENVIRONMENT, proc.stdout
     assert "WARNING" in proc.stdout and "unencrypted" in proc.stdout
     assert "no HELLO from" in proc.stdout
+    assert "coordinator worker torch --connect tcp://<this host>:" in proc.stdout and " --insecure" in \
+        proc.stdout.split("coordinator worker torch", 1)[1].splitlines()[0]   # the command it prints works
 
 
 def test_worker_command_refuses_plaintext_to_another_host():
@@ -268,3 +276,72 @@ def test_curve_keys_without_listen_is_a_usage_error(keys, tmp_path):
     proc = coordinator(["run", "--curve-keys", str(keys / "server.key"), "--steps", "weights",
                         "--out", str(tmp_path / "r")], env=fake_env(), timeout=30)
     assert proc.returncode == ExitCode.USAGE and "only apply with --listen" in proc.stdout
+
+
+# -- losing the connection ------------------------------------------------------------------------
+def _wait_for(path: Path, timeout: float = 30) -> None:
+    import time
+    end = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < end, f"{path} never appeared"
+        time.sleep(0.05)
+
+
+def _stamped_worker(procs, tmp_path: Path, flavor: str, endpoint: str, keyfile: Path | None, **faults: str):
+    env = dict(fake_env(**faults), LOCKSTEP_FAKE_STAMP_DIR=str(tmp_path))
+    argv = [sys.executable, FAKE, flavor, "--connect", endpoint] + (["--curve-keys", str(keyfile)] if keyfile else [])
+    return spawn(procs, argv, tmp_path / f"{flavor}.out", env=env)
+
+
+def test_a_remote_worker_killed_mid_op_is_a_death_named_within_seconds(keys, tmp_path, procs):
+    """No process to poll on this host: its connection is probed instead (exit 4 within seconds, not
+    a hang at the op's deadline). The control: the same run without the kill aligns (tests above)."""
+    import time
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    coord, out, log = start_coordinator(procs, tmp_path, endpoint, "--curve-keys", str(keys / "server.key"))
+    _stamped_worker(procs, tmp_path, "torch", endpoint, keys / "torch.key")
+    paddle = _stamped_worker(procs, tmp_path, "paddle", endpoint, keys / "paddle.key", paddle="slow=60@forward")
+    _wait_for(tmp_path / "paddle.slow@forward")
+    t0 = time.monotonic()
+    os.killpg(paddle.pid, signal.SIGKILL)
+    code, text = finish(coord, log, timeout=30)
+    assert code == ExitCode.WORKER_DIED, text
+    assert time.monotonic() - t0 < 10
+    assert "paddle worker (remote, on" in text and "lost its connection during forward" in text
+
+
+def test_remote_workers_exit_when_their_coordinator_is_killed(keys, tmp_path, procs):
+    """A remote worker serves one run: without its coordinator it exits 3 (an idle one at once, a busy
+    one after its op) instead of waiting forever and answering the next run's coordinator as a stale
+    worker. A third worker under a name already connected gets nothing (the name is taken) and goes
+    with this coordinator too, so it cannot take the name in the next run."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    coord, out, log = start_coordinator(procs, tmp_path, endpoint, "--curve-keys", str(keys / "server.key"))
+    torch = _stamped_worker(procs, tmp_path, "torch", endpoint, keys / "torch.key")
+    paddle = _stamped_worker(procs, tmp_path, "paddle", endpoint, keys / "paddle.key", paddle="slow=8@forward")
+    _wait_for(tmp_path / "paddle.slow@forward")
+    extra = spawn(procs, [sys.executable, FAKE, "torch", "--connect", endpoint, "--curve-keys",
+                          str(keys / "torch.key")], tmp_path / "extra.out")
+    _wait_for(tmp_path / "extra.out")
+    import time
+    time.sleep(1)
+    os.killpg(coord.pid, signal.SIGKILL)
+    assert extra.wait(30) == torch.wait(30) == paddle.wait(30) == ExitCode.ENVIRONMENT
+    for name in ("torch", "paddle", "extra"):
+        assert "lost the connection to the coordinator" in (tmp_path / f"{name}.out").read_text()
+    assert "op forward" not in (tmp_path / "extra.out").read_text()   # it was never sent anything
+
+
+def test_ipv6_loopback_listens(tmp_path, procs):
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+            port = s.getsockname()[1]
+    except OSError:
+        pytest.skip("no IPv6 loopback on this host")
+    endpoint = f"tcp://[::1]:{port}"
+    coord, out, log = start_coordinator(procs, tmp_path, endpoint)
+    fake_worker(procs, tmp_path, "torch", endpoint, None)
+    fake_worker(procs, tmp_path, "paddle", endpoint, None)
+    code, text = finish(coord, log)
+    assert code == ExitCode.ALIGNED, text
