@@ -26,7 +26,7 @@ class ExitCode:
         7: "worker error: an op raised an exception inside a worker (traceback in the report)",
         8: "internal error: a step raised an unexpected exception in the coordinator (a lockstep bug: "
            "traceback in summary.json; later steps still ran)",
-        130: "interrupted: Ctrl-C; a partial report was written",
+        130: "interrupted: Ctrl-C or SIGTERM; a partial report was written",
     }
 
 
