@@ -246,6 +246,9 @@ def run(**kw) -> None:
         if params.get("data"):
             from .tsv import read_tsv
             read_tsv(params["data"])  # refuse a bad --data file (file:line: reason) before workers start
+        if params.get("dev_data"):
+            from .tsv import read_tsv
+            read_tsv(params["dev_data"], "dev")   # and --param dev_data
         if kw["mapping"]:
             from .mapping import WeightMap
             WeightMap.load(kw["mapping"])  # likewise a missing, malformed or misspelled mapping file

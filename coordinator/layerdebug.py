@@ -18,6 +18,7 @@ from .compare import as_array
 from .layerdiff import Row
 from .layerrun import capture, describe_first, layer_map, replay, seeded_labels, tolerances, top
 from .layerview import LayerView, row_line
+from .errors import UsageError
 from .runner import RunContext, StepResult
 
 HELP = """commands:
@@ -42,6 +43,7 @@ class Debugger:
         self.caps: list[Any] = []
         self.pos = 0
         self.log: list[dict[str, Any]] = []
+        self.interrupted = False   # Ctrl-C at the prompt
 
     # -- output ---------------------------------------------------------------------------
     def say(self, text: str = "") -> None:
@@ -80,8 +82,9 @@ class Debugger:
         if self.at:
             idx = self.find(self.at)
             if idx is None:
-                self.say(f"--at {self.at!r}: no compared layer by that name; starting at the first row")
-                return 0
+                names = ", ".join(dict.fromkeys(r.torch for r in self.rows[:8]))
+                raise UsageError(f"--at {self.at!r}: no compared layer by that name, torch or paddle (the rows "
+                                 f"start with {names}, ...)")
             return idx
         bad = [i for i, r in enumerate(self.rows) if not r.passed]
         if not bad:
@@ -118,7 +121,11 @@ class Debugger:
         while True:
             self.out.write("(lockstep) ")
             self.out.flush()
-            line = self.stdin.readline()
+            line = self._read_line()
+            if line is None:              # Ctrl-C at the prompt: the session ends as interrupted
+                self.say("\ninterrupted at the prompt")
+                self.interrupted = True
+                return
             if not line:                  # EOF: leave like quit
                 self.say("")
                 return
@@ -142,6 +149,28 @@ class Debugger:
             except Exception as exc:  # a failed command must not end the session
                 text = str(exc)
                 self.say(f"error: {type(exc).__name__}: {text[:400]}{' ...' if len(text) > 400 else ''}")
+
+    def _read_line(self) -> str | None:
+        """One line from stdin; None on Ctrl-C. While the prompt waits, SIGINT interrupts the read
+        (the run's own handler would only stop the next op, and the prompt would go on)."""
+        import signal
+        import threading
+
+        class _Stop(Exception):
+            pass
+
+        def stop(signum: int, frame: Any) -> None:
+            raise _Stop
+
+        if threading.current_thread() is not threading.main_thread():
+            return self.stdin.readline()
+        old = signal.signal(signal.SIGINT, stop)
+        try:
+            return self.stdin.readline()
+        except (_Stop, KeyboardInterrupt):
+            return None
+        finally:
+            signal.signal(signal.SIGINT, old)
 
     def show(self) -> None:
         r = self.rows[self.pos]
@@ -176,7 +205,10 @@ class Debugger:
         return False
 
     def c_top(self, args: list[str]) -> bool:
-        k = int(args[0]) if args else 5
+        k = _count(args, 5)
+        if k is None:
+            self.say("usage: top [k]  (k a whole number >= 1, default 5)")
+            return False
         r = self.rows[self.pos]
         rows = top(self.tensors(r), k)
         if not rows:
@@ -238,7 +270,10 @@ class Debugger:
         return False
 
     def c_list(self, args: list[str]) -> bool:
-        n = int(args[0]) if args else 5
+        n = _count(args, 5)
+        if n is None:
+            self.say("usage: list [n]  (n rows either side, a whole number >= 1, default 5)")
+            return False
         for i in range(max(0, self.pos - n), min(len(self.rows), self.pos + n + 1)):
             self.say(("> " if i == self.pos else "  ") + row_line(self.rows[i], i + 1)[2:])
         return False
@@ -279,6 +314,17 @@ def _stats(a: np.ndarray) -> str:
             f"|max| {np.abs(f).max():.5e}")
 
 
+def _count(args: list[str], default: int) -> int | None:
+    """A command's optional count: ``default`` without one, None when it is not a whole number >= 1."""
+    if not args:
+        return default
+    try:
+        n = int(args[0])
+    except ValueError:
+        return None
+    return n if n >= 1 else None
+
+
 def debug_step(at: str | None, backward: bool, stdin: TextIO | None = None,
                stdout: TextIO | None = None) -> Callable[[RunContext], StepResult]:
     """The debugger as a runner step (so workers start, stop and report like any run)."""
@@ -290,7 +336,8 @@ def debug_step(at: str | None, backward: bool, stdin: TextIO | None = None,
             bad = [r for r in dbg.rows if not r.passed]
             first = bad[0] if bad else None
             details = {"rows": len(dbg.rows), "failed": len(bad), "at": at, "backward": backward,
-                       "first": first.to_json() if first else None, "session": dbg.log}
+                       "first": first.to_json() if first else None, "session": dbg.log,
+                       "interrupted": dbg.interrupted}   # the runner then ends the run as interrupted
             msg = (f"first divergent layer: {first.label} ({first.phase}): {first.reason}" if first
                    else f"{len(dbg.rows)} layer tensors within tolerance")
             return StepResult("debug", not bad, max((r.norm_err for r in dbg.rows), default=None),

@@ -54,8 +54,13 @@ def coerce(key: str, value: str) -> Any:
         raise UsageError(f"unknown parameter {key!r} (known: {', '.join(sorted(DEFAULTS))})")
     default = DEFAULTS[key]
     try:
-        if isinstance(default, bool):
-            return value.lower() in ("1", "true", "yes", "on")
+        if isinstance(default, bool):   # a typo must not silently switch a check off
+            word = value.strip().lower()
+            if word in ("1", "true", "yes", "on"):
+                return True
+            if word in ("0", "false", "no", "off"):
+                return False
+            raise UsageError(f"parameter {key}={value!r}: expected true or false (also 1/0, yes/no, on/off)")
         if isinstance(default, int):
             return int(value)
         if isinstance(default, float):

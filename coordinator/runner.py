@@ -276,9 +276,16 @@ def run(opts: RunOptions, worker_specs: dict[str, WorkerSpec], say: Callable[[st
             summary.add_step(result)
             if on_step:
                 on_step(result)
+            if result.details.get("interrupted"):   # the debugger's prompt took the Ctrl-C itself
+                raise Interrupted(f"interrupted during step {name!r} (its results are kept)")
             if not result.passed:
                 any_failed = True
                 if opts.fail_fast or result.details.get("stop_run"):  # stop_run: --stop-at-first (layers)
+                    rest = opts.steps[opts.steps.index(name) + 1:]
+                    if rest:
+                        why = "--fail-fast" if opts.fail_fast else "--stop-at-first"
+                        say(f"not run ({why}, step {name} failed): {', '.join(rest)}")
+                        summary.data["steps_not_run"] = {"steps": rest, "why": f"{why}: step {name!r} failed"}
                     break
         code = ExitCode.INTERNAL if any_error else ExitCode.DIVERGED if any_failed else ExitCode.ALIGNED
         _note_protocol(summary, session, say)

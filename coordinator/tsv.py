@@ -46,6 +46,9 @@ class Split:
         return dict(sorted(out.items()))
 
 
+NUM_LABELS = 2   # the BERT presets' classifier (steps/common.model_body loads two labels)
+
+
 def read_tsv(path: str | Path, name: str = "data") -> Split:
     """Parse and validate one SST-2-style TSV; raise ``UsageError`` naming file, line and reason."""
     path = Path(path)
@@ -58,7 +61,8 @@ def read_tsv(path: str | Path, name: str = "data") -> Split:
         raise UsageError(f"{path}:{line}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     if text.startswith("\ufeff"):
         text = text[1:]  # a BOM from spreadsheet exports
-    lines = text.splitlines()
+    lines = text.split("\n")   # not splitlines(): U+2028, NEL or a form feed inside a sentence is text
+    lines = [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
     if not lines or not lines[0].strip():
         raise UsageError(f"{path}:1: empty file or empty header (expected 'sentence<TAB>label')")
     header = [h.strip() for h in lines[0].split("\t")]
@@ -84,9 +88,14 @@ def read_tsv(path: str | Path, name: str = "data") -> Split:
             raise UsageError(f"{path}:{n}: label {label_text!r} is not an integer") from None
         if label < 0:
             raise UsageError(f"{path}:{n}: label {label} is negative (class indices start at 0)")
+        if label >= NUM_LABELS:
+            raise UsageError(f"{path}:{n}: label {label} is not a class of the {NUM_LABELS}-label classifier the "
+                             f"BERT presets build (labels 0..{NUM_LABELS - 1})")
         split.sentences.append(sentence)
         split.labels.append(label)
         split.lines.append(n)
+    if not split.sentences:
+        raise UsageError(f"{path}: no examples after the header")
     return split
 
 

@@ -51,6 +51,20 @@ def test_forward_divergence_is_flagged_and_named(fake_run):
     assert (out / "forward_diff.log").read_text().strip().endswith("diff check failed")
 
 
+def test_fail_fast_says_which_steps_it_did_not_run(fake_run):
+    proc, out = fake_run("--steps", "weights,forward,weights", "--fail-fast", paddle="bug@forward")
+    assert proc.returncode == ExitCode.DIVERGED, proc.stdout + proc.stderr
+    s = load_summary(out)
+    assert [x["name"] for x in s["steps"]] == ["weights", "forward"]
+    assert s["steps_not_run"] == {"steps": ["weights"], "why": "--fail-fast: step 'forward' failed"}
+    assert "not run (--fail-fast, step forward failed): weights" in proc.stdout
+    ctl = out.parent / "control"   # without --fail-fast every step runs
+    proc = coordinator(["run", "--out", str(ctl), "--mapping", str(ROOT / "tests/data/fake_mlp.toml"),
+                        "--steps", "weights,forward,weights"], env=fake_env(paddle="bug@forward"))
+    assert [x["name"] for x in load_summary(ctl)["steps"]] == ["weights", "forward", "weights"]
+    assert "steps_not_run" not in load_summary(ctl)
+
+
 def test_nan_never_passes(fake_run):
     proc, out = fake_run("--steps", "weights,forward", paddle="nan@forward")
     assert proc.returncode == ExitCode.DIVERGED
@@ -194,6 +208,8 @@ def test_a_step_that_raises_is_an_internal_error_not_a_divergence(tmp_path, monk
     (["--steps", "forward", "--paddle-model", "pkg.mod:"], "a factory is module.path:function"),
     (["--steps", "forward", "--torch-model", "bert", "--paddle-model", "bert"], "needs --model-path DIR"),
     (["--steps", "forward", "--mapping", "{typo}"], "unknown table or key 'renames'; did you mean 'rename'?"),
+    (["--steps", "forward", "--param", "layers_backward=ture"], "layers_backward='ture': expected true or false"),
+    (["--steps", "forward", "--param", "dev_data={file}"], "afile:1: header has no"),
 ])
 def test_bad_command_lines_are_refused_before_anything_starts(tmp_path, args, message):
     """Exit 2 naming the problem, no worker started, no traceback (the control: a good --tolerance

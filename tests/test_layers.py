@@ -100,7 +100,7 @@ def test_debug_driven_through_stdin(tmp_path):
     env_python("torch"), env_python("paddle")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKSTEP_WORKER_ARGV")}
     script = "stats\ntop 3\nreplay\nprev\nreplay\ngoto bert.encoder.layer.1.output.dense\nreplay\n" \
-             "next\ncontinue\nfrobnicate\nquit\n"
+             "next\ncontinue\nfrobnicate\ntop -1\ntop abc\nlist x\nquit\n"
     proc = subprocess.run([sys.executable, "-m", "coordinator.cli", "debug", "--out", str(tmp_path), "--no-create",
                            "--paddle-inject", "ln_eps:3:1e-5"], input=script, capture_output=True, text=True,
                           timeout=220, cwd=ROOT, env=env)
@@ -117,12 +117,46 @@ def test_debug_driven_through_stdin(tmp_path):
     assert "LayerNorm <input> (inside the replayed bert.encoder.layer.3)" in out
     assert "isolated: agrees" in out
     assert "-- next divergence --" in out and "unknown command 'frobnicate'" in out
+    assert out.count("usage: top [k]") == 2 and "usage: list [n]" in out and "ValueError" not in out
+    assert len(out) < 200_000   # `top -1` once printed every element of the tensor
     s = json.loads((tmp_path / "summary.json").read_text())
     dbg = s["steps"][0]
     assert dbg["name"] == "debug" and dbg["details"]["first"]["torch"].endswith("layer.3.attention.output.LayerNorm")
     replays = [c["replay"]["verdict"] for c in dbg["details"]["session"] if "replay" in c]
     assert replays == ["own", "ok", "ok"]
     assert (tmp_path / "report.html").exists()
+
+
+@pytest.mark.timeout(240)
+def test_debug_ctrl_c_at_the_prompt_ends_as_interrupted_and_keeps_the_session(tmp_path):
+    """Exit 130 with the session in summary.json and the report written (it used to go on at the prompt,
+    then exit 1); an unknown --at is a usage error, not a silent fallback to row 1."""
+    import signal
+    import time
+    env_python("torch"), env_python("paddle")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKSTEP_WORKER_ARGV")}
+    argv = [sys.executable, "-m", "coordinator.cli", "debug", "--no-create", "--param", "layers_backward=false"]
+    bad = subprocess.run(argv + ["--out", str(tmp_path / "at"), "--at", "no.such.layer"], capture_output=True,
+                         text=True, timeout=220, cwd=ROOT, env=env)
+    assert bad.returncode == ExitCode.USAGE and "--at 'no.such.layer': no compared layer" in bad.stderr, bad.stderr
+    out = tmp_path / "int"
+    proc = subprocess.Popen(argv + ["--out", str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
+    proc.stdin.write("where\n")
+    proc.stdin.flush()
+    seen = ""
+    while "(lockstep) where" not in seen:       # the first command was read: the prompt is waiting again
+        line = proc.stdout.readline()
+        assert line, seen[-3000:]
+        seen += line
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == ExitCode.INTERRUPTED, (seen + rest)[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["status"] == "interrupted" and s["steps"][0]["name"] == "debug"
+    assert [c["command"] for c in s["steps"][0]["details"]["session"]] == ["where"]
+    assert (out / "report.html").exists()
 
 
 @pytest.mark.timeout(240)

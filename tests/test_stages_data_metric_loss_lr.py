@@ -60,6 +60,9 @@ def test_user_tsv_is_one_split_with_extra_columns_and_blank_lines(tmp_path):
     ("sentence\tlabel\nfine\t1\nno label here\n", "bad.tsv:3: 1 tab-separated field(s), the header has 2"),
     ("sentence\tlabel\nfine\t-1\n", "bad.tsv:2: label -1 is negative"),
     ("", "bad.tsv:1: empty file"),
+    ("sentence\tlabel\n", "bad.tsv: no examples after the header"),
+    ("sentence\tlabel\n\n  \n", "bad.tsv: no examples after the header"),
+    ("sentence\tlabel\nfine\t1\nthree classes?\t2\n", "bad.tsv:3: label 2 is not a class of the 2-label classifier"),
 ])
 def test_bad_tsv_is_refused_with_file_line_and_reason(tmp_path, content, expected):
     p = tmp_path / "bad.tsv"
@@ -67,6 +70,14 @@ def test_bad_tsv_is_refused_with_file_line_and_reason(tmp_path, content, expecte
     with pytest.raises(UsageError) as e:
         read_tsv(p)
     assert expected in str(e.value)
+
+
+def test_unicode_line_separators_stay_inside_a_sentence(tmp_path):
+    """Only newlines end a row (str.splitlines would also cut at U+2028, NEL or a form feed)."""
+    p = tmp_path / "ok.tsv"
+    p.write_text("sentence\tlabel\r\none\u2028two\x85three\x0cfour\t1\r\nnext\t0\n", encoding="utf-8")
+    s = read_tsv(p)
+    assert s.sentences == ["one\u2028two\x85three\x0cfour", "next"] and s.labels == [1, 0] and s.lines == [2, 3]
 
 
 def test_non_utf8_tsv_names_the_line(tmp_path):

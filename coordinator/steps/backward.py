@@ -82,7 +82,8 @@ def _run(rc: RunContext) -> StepResult:
         rc.session.warm_rings({"torch": 2 * _nbytes(rc.cache.get("torch_weights")),
                                "paddle": 2 * _nbytes(rc.cache.get("converted"))})
     rc.say(f"  {iters} {describe_optim(rc.cache['optim'])}, "
-           f"eps torch {t_setup['eps']:g} / paddle {p_setup['eps']:g}), batch {tuple(labels.shape)}, dropout {mode}; "
+           f"eps torch {t_setup['eps']:g} / paddle {p_setup['eps']:g}), "
+           f"batch {tuple(next(iter(inputs.values())).shape)}, dropout {mode}; "
            f"gradients and parameters compared at iteration(s) {', '.join(map(str, sorted(checked))) or 'none'}")
     diffs, rows, t_npy, p_npy = [decay_check], [], {}, {}
     last_grad_d = None
