@@ -243,12 +243,10 @@ def run(**kw) -> None:
                                        kw["diff_method"] or "max")
         tol.update(_parse_tolerances(kw["tolerances"]))
         params = _parse_params(kw)
-        if params.get("data"):
-            from .tsv import read_tsv
-            read_tsv(params["data"])  # refuse a bad --data file (file:line: reason) before workers start
-        if params.get("dev_data"):
-            from .tsv import read_tsv
-            read_tsv(params["dev_data"], "dev")   # and --param dev_data
+        from .tsv import read_tsv
+        for key in ("data", "dev_data"):   # a bad --data / dev_data file (file:line: reason) before workers start
+            if params.get(key):
+                read_tsv(params[key], key)
         if kw["mapping"]:
             from .mapping import WeightMap
             WeightMap.load(kw["mapping"])  # likewise a missing, malformed or misspelled mapping file
@@ -269,10 +267,9 @@ def run(**kw) -> None:
                           threads=kw["threads"], env_set=env_set, torch_device=kw["torch_device"],
                           paddle_device=kw["paddle_device"], fail_fast=kw["fail_fast"], deadlines=deadlines)
         opts.interrupt_grace = kw["interrupt_grace"]
-        opts.params_given = {k for k in params if k in _given_params(kw)}
+        opts.params_given = _given_params(kw)
         opts.listen, opts.allow_shared_gpu = kw["listen"], kw["allow_shared_gpu"]
         opts.torch_path, opts.paddle_path = list(kw["torch_path"]), list(kw["paddle_path"])
-        opts.out.mkdir(parents=True, exist_ok=True)
         say(f"lockstep run -> {opts.out}")
         for name, why in skipped.items():
             say(f"step {name} skipped: {why}")
@@ -362,7 +359,7 @@ def _tolerance_keys() -> list[str]:
 def _parse_params(kw) -> dict:
     from .errors import UsageError
     from .params import coerce, resolve
-    over = {k: kw[k] for k in ("lr", "warmup", "total_steps", "iters", "epochs", "batch_size", "dropout")}
+    over = {k: kw[k] for k in OPTION_PARAMS}
     over["data"] = str(kw["data"].resolve()) if kw["data"] else None
     for item in kw["params"]:
         key, sep, value = item.partition("=")
@@ -372,10 +369,12 @@ def _parse_params(kw) -> dict:
     return resolve(over)
 
 
+OPTION_PARAMS = ("lr", "warmup", "total_steps", "iters", "epochs", "batch_size", "dropout")  # --lr X = --param lr=X
+
+
 def _given_params(kw) -> set[str]:
     """Hyper-parameters the user set (options or --param), as opposed to defaults."""
-    given = {k for k in ("lr", "warmup", "total_steps", "iters", "epochs", "batch_size", "dropout", "data")
-             if kw.get(k) is not None}
+    given = {k for k in (*OPTION_PARAMS, "data") if kw.get(k) is not None}
     return given | {item.partition("=")[0] for item in kw["params"]}
 
 

@@ -252,7 +252,7 @@ def run(opts: RunOptions, worker_specs: dict[str, WorkerSpec], say: Callable[[st
         rc = RunContext(opts, session, say)
         rc.cache["schedule"] = _check_placement(opts, hellos, summary, say)
         any_failed = any_error = False
-        for name in opts.steps:
+        for i, name in enumerate(opts.steps):
             if session.interrupted_at is not None:
                 raise Interrupted(f"interrupted: step {name!r} and later not started")
             say(f"step {name} ...")
@@ -281,7 +281,7 @@ def run(opts: RunOptions, worker_specs: dict[str, WorkerSpec], say: Callable[[st
             if not result.passed:
                 any_failed = True
                 if opts.fail_fast or result.details.get("stop_run"):  # stop_run: --stop-at-first (layers)
-                    rest = opts.steps[opts.steps.index(name) + 1:]
+                    rest = opts.steps[i + 1:]
                     if rest:
                         why = "--fail-fast" if opts.fail_fast else "--stop-at-first"
                         say(f"not run ({why}, step {name} failed): {', '.join(rest)}")
