@@ -162,9 +162,13 @@ class PaddleAdapter(*_MIXINS, Adapter):
         self.inject: list[str] = []   # deliberate bugs for negative controls, set by load_model
 
     def hello(self) -> dict[str, Any]:
-        import paddlenlp
+        try:     # BERT presets need it; an own-model (factory) pair runs on paddle alone
+            import paddlenlp
+            nlp_version = paddlenlp.__version__
+        except ImportError as exc:
+            nlp_version = f"not importable ({type(exc).__name__}: {exc})"
         info = {"framework": "paddle", "framework_version": paddle.__version__,
-                "libraries": {"paddlenlp": paddlenlp.__version__, "numpy": np.__version__},
+                "libraries": {"paddlenlp": nlp_version, "numpy": np.__version__},
                 "device": self.device, "threads": self.threads, "platform": platform.platform(),
                 "cuda_available": paddle.device.is_compiled_with_cuda()}
         if self.device.startswith("gpu"):

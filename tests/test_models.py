@@ -322,3 +322,31 @@ def test_cnn_factory_backward(tmp_path, port, expect):
         assert "iteration 0 (loss_0)" in bwd["message"]
     else:
         assert "12 gradients and parameters" in bwd["message"]
+
+
+HELLO_WITHOUT_PADDLENLP = """
+import builtins, json, sys
+real_import = builtins.__import__
+def no_paddlenlp(name, *a, **k):
+    if name == "paddlenlp" or name.startswith("paddlenlp."):
+        raise ModuleNotFoundError("No module named 'paddlenlp'")
+    return real_import(name, *a, **k)
+builtins.__import__ = no_paddlenlp
+from paddle_worker.adapter import PaddleAdapter
+print(json.dumps(PaddleAdapter().hello()["libraries"]))
+"""
+
+
+@pytest.mark.timeout(180)
+def test_paddle_worker_says_hello_without_paddlenlp():
+    """An own-model pair needs paddle alone (seen on a GPU host where only paddlepaddle could be
+    installed): the handshake reports paddlenlp as missing instead of failing the worker's start.
+    The control: with paddlenlp importable, its version is reported."""
+    out = run_in_env("paddle", HELLO_WITHOUT_PADDLENLP)
+    assert out.returncode == 0, out.stderr[-2000:]
+    libs = json.loads(out.stdout.strip().splitlines()[-1])
+    assert libs["paddlenlp"].startswith("not importable (ModuleNotFoundError"), libs
+    control = run_in_env("paddle", "import json; from paddle_worker.adapter import PaddleAdapter; "
+                                   "print(json.dumps(PaddleAdapter().hello()['libraries']))")
+    assert control.returncode == 0, control.stderr[-2000:]
+    assert json.loads(control.stdout.strip().splitlines()[-1])["paddlenlp"][0].isdigit()
