@@ -8,8 +8,14 @@
 #   TORCH_PYTHON=/x/bin/python PADDLE_PYTHON=/y/bin/python scripts/gpu_check.sh
 #                                             # use interpreters that already have torch (CUDA) /
 #                                             # paddlepaddle-gpu + paddlenlp instead of building envs
+#   COORDINATOR="python3 -c 'import sys; from coordinator.cli import main; sys.exit(main())'" \
+#     TORCH_PYTHON=... PADDLE_PYTHON=... scripts/gpu_check.sh
+#                                             # an offline machine: no .venv, no environment builds
 # Knobs: STEPS (default weights,forward[,backward]), ENV_TIMEOUT (s, default 900),
-#        RUN_TIMEOUT (s, default 420), OUT (run dir, default runs/gpu-check-<time>).
+#        RUN_TIMEOUT (s, default 420), OUT (run dir, default runs/gpu-check-<time>),
+#        TORCH_DEVICE / PADDLE_DEVICE (default: a GPU each, or both on GPU 0 when there is one),
+#        RUN_ARGS (more `coordinator run` arguments, e.g. factory model specs),
+#        EXPECT (the run's expected exit status, default 0: a negative control passes 1).
 # Exit status: 0 aligned; otherwise the failing phase's status (the coordinator's exit codes).
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,18 +35,25 @@ ngpu=$(timeout 60 nvidia-smi -L | grep -c '^GPU ')
 [ "$ngpu" -ge 1 ] || die "no GPU listed by nvidia-smi" 3
 
 say "coordinator environment"
-if [ -x .venv/bin/coordinator ] && .venv/bin/python -c 'import coordinator.cli' 2>/dev/null; then
+if [ -n "${COORDINATOR:-}" ]; then
+  echo "using COORDINATOR=$COORDINATOR"
+elif [ -x .venv/bin/coordinator ] && .venv/bin/python -c 'import coordinator.cli' 2>/dev/null; then
   echo "using existing .venv"
 elif [ -x ./lockstep ]; then
   timeout "$ENV_TIMEOUT" ./lockstep --help >/dev/null || die "./lockstep could not set up .venv" 3
 else
   { python3 -m venv .venv && timeout "$ENV_TIMEOUT" .venv/bin/pip install -q -e .; } || die "pip install -e . failed" 3
 fi
-co=(.venv/bin/coordinator)
+if [ -n "${COORDINATOR:-}" ]; then
+  eval "co=($COORDINATOR)"; py=python3
+else
+  co=(.venv/bin/coordinator); py=.venv/bin/python
+fi
 
 say "worker environments (GPU)"
 if [ -n "${TORCH_PYTHON:-}" ] || [ -n "${PADDLE_PYTHON:-}" ]; then
   [ -n "${TORCH_PYTHON:-}" ] && [ -n "${PADDLE_PYTHON:-}" ] || die "set both TORCH_PYTHON and PADDLE_PYTHON" 2
+  TORCH_PYTHON=$(command -v "$TORCH_PYTHON") && PADDLE_PYTHON=$(command -v "$PADDLE_PYTHON") || die "TORCH_PYTHON/PADDLE_PYTHON: not found" 2
   export LOCKSTEP_WORKER_ARGV_TORCH="[\"$TORCH_PYTHON\", \"-m\", \"torch_worker\"]"
   export LOCKSTEP_WORKER_ARGV_PADDLE="[\"$PADDLE_PYTHON\", \"-m\", \"paddle_worker\"]"
   export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"   # protocol + the worker packages
@@ -51,35 +64,38 @@ else
   timeout 300 "${co[@]}" envs check --env-set gpu || die "the GPU environments do not import their framework" 3
 fi
 
-if [ "$ngpu" -ge 2 ]; then
+if [ -n "${TORCH_DEVICE:-}" ] || [ -n "${PADDLE_DEVICE:-}" ]; then
+  devices=(--torch-device "${TORCH_DEVICE:-cuda:0}" --paddle-device "${PADDLE_DEVICE:-cpu}")
+elif [ "$ngpu" -ge 2 ]; then
   devices=(--torch-device cuda:0 --paddle-device gpu:1)
 else
   devices=(--torch-device cuda:0 --paddle-device gpu:0 --allow-shared-gpu)
   echo "only one GPU: both workers on GPU 0 (--allow-shared-gpu)"
 fi
 
+eval "extra=(${RUN_ARGS:-})"
 say "negative control: one GPU for both without --allow-shared-gpu is refused"
-"${co[@]}" run --steps weights --torch-device cuda:0 --paddle-device gpu:0 --out "$OUT-refused" --no-create
+"${co[@]}" run --steps weights --torch-device cuda:0 --paddle-device gpu:0 --out "$OUT-refused" --no-create "${extra[@]}"
 code=$?
 [ "$code" -eq 2 ] || die "expected exit 2 for a shared GPU, got $code" 1
 echo "refused as expected (exit 2)"
 
 if [ -z "${STEPS:-}" ]; then
   STEPS=weights,forward
-  if .venv/bin/python -c 'import sys; from coordinator.steps import STEPS; sys.exit("backward" not in STEPS)'; then
+  if "$py" -c 'import sys; from coordinator.steps import STEPS; sys.exit("backward" not in STEPS)'; then
     STEPS=weights,forward,backward
   fi
 fi
 
 say "run: steps $STEPS, ${devices[*]}"
 timeout -k 20 "$RUN_TIMEOUT" "${co[@]}" run --steps "$STEPS" "${devices[@]}" --env-set gpu --out "$OUT" \
-  --hello-timeout 300 --timeout 300 --no-create
+  --hello-timeout 300 --timeout 300 --no-create "${extra[@]}"
 code=$?
 [ "$code" -eq 124 ] && echo "gpu_check: the run passed RUN_TIMEOUT=${RUN_TIMEOUT}s" >&2
 
 say "HELLOs, determinism, schedule and diffs (from $OUT/summary.json)"
 if [ -f "$OUT/summary.json" ]; then
-  .venv/bin/python - "$OUT/summary.json" <<'EOF'
+  "$py" - "$OUT/summary.json" <<'EOF'
 import json, sys
 s = json.load(open(sys.argv[1]))
 for name, h in (s.get("workers") or {}).items():
@@ -102,5 +118,6 @@ fi
 for log in "$OUT"/*_worker.log; do
   [ -f "$log" ] && { echo "--- tail of $log ---"; tail -n 40 "$log"; }
 done
-[ "$code" -eq 0 ] || die "the run exited $code" "$code"
-echo "gpu_check: OK (aligned on GPU)"
+expect="${EXPECT:-0}"
+[ "$code" -eq "$expect" ] || die "the run exited $code (expected $expect)" "$([ "$code" -eq 0 ] && echo 1 || echo "$code")"
+if [ "$expect" -eq 0 ]; then echo "gpu_check: OK (aligned on GPU)"; else echo "gpu_check: OK (exit $code as expected)"; fi
