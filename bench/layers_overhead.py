@@ -7,6 +7,13 @@ every mapped layer hooked and streamed, forward and forward+backward, and the wh
 comparison as the step does it (both workers, the coordinator diffing as tensors arrive).
 
     .venv/bin/python bench/layers_overhead.py [--reps 3] [--threads 2] [--layers 12] [--out DIR] [--smoke]
+    .venv/bin/python bench/layers_overhead.py --factory [--schedule parallel --threads 8]
+        [--torch-device cuda:0]
+
+``--factory`` runs the same measurement on ``bench/models/ffn_*.py`` instead of BERT: an own-model
+pair of BERT-base's shape without attention (12 blocks of Linear 768->3072, GELU, Linear,
+LayerNorm), which needs only torch and paddle (no transformers, no paddlenlp), so it runs on a
+machine where only the frameworks can be installed (scripts/gpu_bench.sh).
 
 Reported: worker-side seconds (min over reps: the machine is shared, the minimum is the
 least disturbed), overhead in percent (mins against mins, and the median of the ratios paired
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -32,10 +40,10 @@ sys.path.insert(0, str(ROOT))
 
 from coordinator import envs  # noqa: E402
 from coordinator.cli import _worker_specs  # noqa: E402
-from coordinator.layerrun import FORWARD_TOL, BACKWARD_TOL, capture, layer_map  # noqa: E402
+from coordinator.layerrun import FORWARD_TOL, BACKWARD_TOL, capture, diff_threads, layer_map  # noqa: E402
 from coordinator.runner import RunContext, RunOptions  # noqa: E402
 from coordinator.session import Session  # noqa: E402
-from coordinator.steps.common import ensure_converted  # noqa: E402
+from coordinator.steps.common import ensure_converted, gen_inputs  # noqa: E402
 
 MAKE_CKPT = """
 import sys, torch
@@ -54,12 +62,23 @@ def make_checkpoint(path: Path, layers: int) -> None:
     subprocess.run([str(py), "-c", MAKE_CKPT, str(path), str(layers)], check=True, capture_output=True)
 
 
-def start(out: Path, ckpt: Path, threads: int, hold_mib: float | None = None) -> RunContext:
+MODELS = ROOT / "bench" / "models"
+
+
+def start(out: Path, ckpt: Path | None, threads: int, hold_mib: float | None = None, *, schedule: str = "alternate",
+          torch_device: str = "cpu", paddle_device: str = "cpu", diff_threads: int = 0) -> RunContext:
     from coordinator.params import resolve
     from coordinator.placement import tune_own_malloc
     tune_own_malloc()  # what `coordinator run` does for its own process
-    opts = RunOptions(steps=[], out=out, torch_model="bert", paddle_model="bert", model_path=str(ckpt),
-                      threads=threads, params=resolve({} if hold_mib is None else {"layers_hold_mib": hold_mib}))
+    if ckpt is None:   # --factory: the FFN stack, an own-model pair
+        model = {"torch_model": "ffn_torch:build", "paddle_model": "ffn_paddle:build",
+                 "torch_path": [str(MODELS)], "paddle_path": [str(MODELS)]}
+    else:
+        model = {"torch_model": "bert", "paddle_model": "bert", "model_path": str(ckpt)}
+    opts = RunOptions(steps=[], out=out, **model, threads=threads, schedule=schedule, torch_device=torch_device,
+                      paddle_device=paddle_device, allow_shared_gpu=True,
+                      params=resolve({"layers_diff_threads": diff_threads,
+                                      **({} if hold_mib is None else {"layers_hold_mib": hold_mib})}))
     out.mkdir(parents=True, exist_ok=True)
     specs = _worker_specs(opts, True, lambda s: None)
     session = Session(out)
@@ -67,7 +86,7 @@ def start(out: Path, ckpt: Path, threads: int, hold_mib: float | None = None) ->
         session.launch(sp)
     session.wait_hello()
     rc = RunContext(opts, session, lambda s: None)
-    rc.cache["schedule"] = "alternate"
+    rc.cache["schedule"] = schedule
     ensure_converted(rc)
     return rc
 
@@ -96,21 +115,43 @@ def main() -> int:
     ap.add_argument("--hold-mib", type=float, default=None, help="layers_hold_mib (default: the run's default)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--smoke", action="store_true", help="CI: 1 layer, 1 rep, batch 1 x 8 (still runs)")
+    ap.add_argument("--factory", action="store_true",
+                    help="the FFN stack of bench/models (torch + paddle only) instead of BERT")
+    ap.add_argument("--schedule", choices=("alternate", "parallel"), default="alternate",
+                    help="alternate: one worker computes at a time (the 2-core choice); parallel: both at once")
+    ap.add_argument("--diff-threads", type=int, default=0,
+                    help="layers_diff_threads: threads comparing one large tensor (0: the run's auto rule)")
+    ap.add_argument("--copy-threads", type=int, default=0,
+                    help="LOCKSTEP_COPY_THREADS for both workers: threads copying one large tensor into "
+                         "the ring (0: the workers' auto rule)")
+    ap.add_argument("--torch-device", default="cpu")
+    ap.add_argument("--paddle-device", default="cpu")
     a = ap.parse_args()
     if a.smoke:
         a.layers, a.reps, a.batch, a.seq = 1, 1, 1, 8
     out = a.out or Path(tempfile.mkdtemp(prefix="lockstep-bench-layers-"))
-    ckpt = Path(tempfile.gettempdir()) / f"lockstep-bert-base-random-{a.layers}"
-    make_checkpoint(ckpt, a.layers)
-    rc = start(out, ckpt, a.threads, a.hold_mib)
+    if a.factory:
+        ckpt = None
+        os.environ["LOCKSTEP_FFN"] = f"{a.layers},{a.batch},{a.seq}"   # the workers inherit it
+    else:
+        ckpt = Path(tempfile.gettempdir()) / f"lockstep-bert-base-random-{a.layers}"
+        make_checkpoint(ckpt, a.layers)
+    if a.copy_threads:
+        os.environ["LOCKSTEP_COPY_THREADS"] = str(a.copy_threads)
+    rc = start(out, ckpt, a.threads, a.hold_mib, schedule=a.schedule, torch_device=a.torch_device,
+               paddle_device=a.paddle_device, diff_threads=a.diff_threads)
     rss_after_convert = _vm("VmHWM")   # the weights step's own copies (torch state dict + converted)
     try:
         lmap = layer_map(rc)
         rng = np.random.RandomState(0)
-        inputs = {"input_ids": rng.randint(1, 30522, (a.batch, a.seq)).astype(np.int64),
-                  "token_type_ids": np.zeros((a.batch, a.seq), np.int64),
-                  "attention_mask": np.ones((a.batch, a.seq), np.int64)}
-        labels = rng.randint(0, 2, (a.batch,)).astype(np.int64)
+        if a.factory:
+            inputs = gen_inputs(rc)
+            labels = inputs["labels"]
+        else:
+            inputs = {"input_ids": rng.randint(1, 30522, (a.batch, a.seq)).astype(np.int64),
+                      "token_type_ids": np.zeros((a.batch, a.seq), np.int64),
+                      "attention_mask": np.ones((a.batch, a.seq), np.int64)}
+            labels = rng.randint(0, 2, (a.batch,)).astype(np.int64)
         names = {"torch": [p.torch for p in lmap.pairs], "paddle": [p.paddle for p in lmap.pairs]}
         res: dict = {}
         for side in ("torch", "paddle"):   # warm-up: first calls allocate
@@ -125,6 +166,14 @@ def main() -> int:
                                          "labels": labels, "forward_events": False})):
                     r = timed(rc, side, body)
                     res.setdefault(side, {}).setdefault(mode, []).append(r)
+            for phase, backward in (("fwd", False), ("bwd", True)):
+                # the same schedule without capture: both plain passes as the run would issue them
+                body = {"inputs": inputs, "hooks": False}
+                if backward:
+                    body.update(backward=True, labels=labels)
+                t0 = time.perf_counter()
+                rc.both("capture_layers", body, body)
+                res.setdefault("both_plain", {}).setdefault(phase, []).append({"wall": time.perf_counter() - t0})
             for phase, backward in (("live_fwd", False), ("live_bwd", True)):
                 t0 = time.perf_counter()
                 cap = capture(rc, lmap, inputs, BACKWARD_TOL if backward else FORWARD_TOL, backward=backward,
@@ -136,8 +185,13 @@ def main() -> int:
                      "held_peak_bytes": cap.stats["held_peak_bytes"], "spilled_bytes": cap.stats["spilled_bytes"]})
                 cap.diff.close()
         summary = summarize(res)
-        summary["config"] = {"hidden": 768, "layers": a.layers, "heads": 12, "intermediate": 3072,
-                             "batch": a.batch, "seq": a.seq, "threads": a.threads, "reps": a.reps,
+        summary["config"] = {"model": "ffn stack (bench/models)" if a.factory else "bert",
+                             "hidden": 768, "layers": a.layers, "heads": None if a.factory else 12,
+                             "intermediate": 3072, "batch": a.batch, "seq": a.seq, "threads": a.threads,
+                             "schedule": a.schedule, "devices": {"torch": a.torch_device, "paddle": a.paddle_device},
+                             "cpus": os.cpu_count(), "reps": a.reps,
+                             "diff_threads": diff_threads(int(rc.param("layers_diff_threads"))),
+                             "copy_threads": a.copy_threads or "auto",
                              "pairs": len(lmap.pairs), "hold_mib": float(rc.param("layers_hold_mib"))}
         summary["coordinator_peak_rss_mib"] = round(_vm("VmHWM"), 1)
         summary["coordinator_peak_rss_after_convert_mib"] = round(rss_after_convert, 1)
@@ -194,6 +248,17 @@ def summarize(res: dict) -> dict:
                   for i, r in enumerate(live["live_" + phase])]
         s["live"][f"{phase}_vs_plain_pct_paired"] = [round(100 * x, 1) for x in ratios]
         s["live"][f"{phase}_vs_plain_pct_paired_median"] = round(100 * statistics.median(ratios), 1)
+    # Against both plain passes issued with the run's own schedule (rc.both, no hooks): in turns
+    # that is the sum above plus two round trips; in parallel it is the slower side's pass.
+    bp = res["both_plain"]
+    for phase in ("fwd", "bwd"):
+        base = [r["wall"] for r in bp[phase]]
+        ratios = [r["wall"] / b - 1 for r, b in zip(live["live_" + phase], base)]
+        s["live"][f"{phase}_both_plain_s"] = round(min(base), 3)
+        s["live"][f"{phase}_vs_both_plain_pct"] = round(
+            100 * (min(r["wall"] for r in live["live_" + phase]) / min(base) - 1), 1)
+        s["live"][f"{phase}_vs_both_plain_pct_paired"] = [round(100 * x, 1) for x in ratios]
+        s["live"][f"{phase}_vs_both_plain_pct_paired_median"] = round(100 * statistics.median(ratios), 1)
     return s
 
 

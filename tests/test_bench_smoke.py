@@ -14,8 +14,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def smoke(script: str) -> str:
-    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke"], cwd=ROOT,
+def smoke(script: str, *args: str) -> str:
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", *args], cwd=ROOT,
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, f"bench/{script} --smoke exited {r.returncode}:\n{r.stderr[-3000:]}"
     return r.stdout
@@ -60,3 +60,17 @@ def test_layers_overhead_smoke() -> None:
     assert summary["live"]["failed_rows"] == [0, 0]       # forward and backward compared, all aligned
     assert summary["live"]["rows_fwd"] > 0 and summary["torch"]["events_fwd"] > 0
     assert "fwd_vs_plain_pct_paired_median" in summary["live"]
+
+
+@pytest.mark.frameworks
+@pytest.mark.timeout(240)
+def test_layers_overhead_factory_smoke() -> None:
+    """The attention-free stack of bench/models (what runs where paddlenlp cannot be installed),
+    with the threading knobs given (smoke tensors are too small to be split: the unit tests in
+    test_layers_unit / test_shm cover the split itself)."""
+    import json
+    out = smoke("layers_overhead.py", "--factory", "--diff-threads", "2", "--copy-threads", "2")
+    summary = json.loads(out[out.index("{"):])
+    assert summary["config"]["model"].startswith("ffn") and summary["config"]["diff_threads"] == 2
+    assert summary["live"]["failed_rows"] == [0, 0] and summary["live"]["rows_fwd"] > 0
+    assert "fwd_vs_both_plain_pct_paired_median" in summary["live"]
