@@ -90,24 +90,45 @@ def _tile_copy(dst: np.ndarray, src: np.ndarray) -> None:
             dst[r:r + TILE, c:c + TILE] = src[r:r + TILE, c:c + TILE]
 
 
-def row_blocks(a: np.ndarray, b: np.ndarray, chunk: int):
+def block_count(a: np.ndarray, b: np.ndarray, chunk: int) -> int:
+    """How many blocks ``row_blocks`` yields for these arrays (what ``part`` divides)."""
+    starts, _ = _block_grid(a, b, chunk)
+    return len(starts)
+
+
+def _block_grid(a: np.ndarray, b: np.ndarray, chunk: int) -> tuple[range, int]:
+    """The blocks' starts (flat offsets when both arrays are contiguous, else rows) and their step."""
+    if a.ndim <= 1 or (a.flags.c_contiguous and b.flags.c_contiguous):
+        return range(0, a.size, chunk), chunk
+    per_row = a.size // a.shape[0]
+    step = max(1, chunk // max(per_row, 1))
+    if is_transpose(a) or is_transpose(b):
+        step = max(TILE, step // TILE * TILE)
+    return range(0, a.shape[0], step), step
+
+
+def row_blocks(a: np.ndarray, b: np.ndarray, chunk: int, part: tuple[int, int] = (0, 1)):
     """Yield (flat offset, a block, b block) covering two same-shape arrays in C order, about
     ``chunk`` elements each, every block 1-D and contiguous.
 
     Contiguous arrays are cut flat (views). A transposed 2-D view on either side (a torch
     weight compared in paddle's layout, no full transposing copy) is copied block by block
     into one reused buffer through ``_tile_copy``, TILE rows at a time. Anything else
-    strided is copied per block by numpy."""
+    strided is copied per block by numpy.
+
+    ``part=(p, n)``: only the p-th of n consecutive runs of blocks (threads comparing one large
+    tensor each take a part; every call has its own scratch buffers)."""
+    starts, step = _block_grid(a, b, chunk)
+    p, n = part
+    lo, hi = len(starts) * p // n, len(starts) * (p + 1) // n
+    starts = starts[lo:hi]
     if a.ndim <= 1 or (a.flags.c_contiguous and b.flags.c_contiguous):
         fa, fb = a.reshape(-1), b.reshape(-1)
-        for start in range(0, fa.size, chunk):
+        for start in starts:
             yield start, fa[start:start + chunk], fb[start:start + chunk]
         return
     per_row = a.size // a.shape[0]
-    step = max(1, chunk // max(per_row, 1))
     transposed = [x for x in (a, b) if is_transpose(x)]
-    if transposed:
-        step = max(TILE, step // TILE * TILE)
     bufs = {id(x): np.empty((min(step, x.shape[0]), x.shape[1]), x.dtype) for x in transposed}
 
     def flat(x: np.ndarray, r0: int) -> np.ndarray:
@@ -120,7 +141,7 @@ def row_blocks(a: np.ndarray, b: np.ndarray, chunk: int):
         buf = buf[:blk.shape[0]]
         _tile_copy(buf, blk)
         return buf.reshape(-1)
-    for r0 in range(0, a.shape[0], step):
+    for r0 in starts:
         yield r0 * per_row, flat(a, r0), flat(b, r0)
 
 

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .compare import Tolerance, compare, is_transpose, row_blocks
+from .compare import Tolerance, block_count, compare, is_transpose, row_blocks
 from .layermap import LayerMap
 
 RECENT = 16   # outputs kept per side to resolve references (a referenced output is within the worker's window of 16)
@@ -194,7 +194,7 @@ def _ones(dtype: np.dtype, n: int) -> np.ndarray:
     return have[:n]
 
 
-def _chunked_stats(ref: np.ndarray, got: np.ndarray, rel: bool = True) -> dict[str, Any] | None:
+def _chunked_stats(ref: np.ndarray, got: np.ndarray, rel: bool = True, threads: int = 1) -> dict[str, Any] | None:
     """max/mean |diff|, worst position, max|ref|, RMS figures and (``rel``) the max relative
     error, a chunk at a time.
 
@@ -206,11 +206,59 @@ def _chunked_stats(ref: np.ndarray, got: np.ndarray, rel: bool = True) -> dict[s
     relative of a float64 sum. This runs on the coordinator while a worker computes on the
     same cores: 0.2 s -> 0.1 s for a BERT-base forward's 420 MB (bench/RESULTS.md). Without
     ``rel`` (``compare_row``: rows that pass) max|ref| comes from max and min, and the |ref| and
-    division passes are skipped: 206 -> 153 us per 1 MB chunk."""
+    division passes are skipped: 206 -> 153 us per 1 MB chunk.
+
+    ``threads`` > 1: a tensor of at least two ``PART_MIN`` elements is cut into up to that many
+    consecutive runs of smaller chunks (a BERT-base layer output, 1.5 MiB, is under two of the
+    1 MB chunks), compared at once in a thread pool (numpy drops the GIL in these passes) and
+    combined in order: the same worst position as one pass (the first largest), sums added
+    per run. On a many-core host the coordinator must keep up with frameworks that finish a
+    layer in well under a millisecond (bench/RESULTS.md, layer capture)."""
+    n = ref.size
+    chunk, parts = CHUNK, 1
+    if threads > 1 and n >= 2 * PART_MIN:
+        chunk = min(CHUNK, max(PART_MIN, -(-n // threads)))
+        parts = min(threads, block_count(ref, got, chunk))
+    if parts == 1:
+        res = [_part_stats(ref, got, rel, (0, 1), CHUNK)]
+    else:
+        res = list(_pool(threads).map(lambda p: _part_stats(ref, got, rel, (p, parts), chunk), range(parts)))
+    if any(r is None for r in res):
+        return None
+    best, best_i, sum_d, sum_d2, sum_r2, scale, max_rel = -1.0, 0, 0.0, 0.0, 0.0, 0.0, 0.0
+    for r in res:                            # in order: the first largest wins, as in one pass
+        if r["best"] > best:
+            best, best_i = r["best"], r["best_i"]
+        sum_d += r["sum_d"]
+        sum_d2 += r["sum_d2"]
+        sum_r2 += r["sum_r2"]
+        scale = max(scale, r["scale"])
+        max_rel = max(max_rel, r["max_rel"])
+    worst = tuple(int(x) for x in np.unravel_index(best_i, ref.shape)) if ref.ndim else ()
+    return {"max_abs": max(best, 0.0), "mean_abs": sum_d / n, "max_rel": max_rel if rel else float("nan"),
+            "worst": worst, "scale": scale, "rms_rel": (sum_d2 / sum_r2) ** 0.5 if sum_r2 > 0 else 0.0}
+
+
+PART_MIN = 1 << 16   # elements (256 KB of float32) below which a thread's share is not worth handing out
+_POOLS: dict[int, Any] = {}
+
+
+def _pool(threads: int) -> Any:
+    """One thread pool per size for the process (comparisons are the coordinator's only users)."""
+    pool = _POOLS.get(threads)
+    if pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+        pool = _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="lockstep-diff")
+    return pool
+
+
+def _part_stats(ref: np.ndarray, got: np.ndarray, rel: bool, part: tuple[int, int],
+                chunk: int) -> dict[str, Any] | None:
+    """``_chunked_stats``'s pass over one run of chunks (``row_blocks``' ``part``)."""
     n = ref.size
     dtype = ref.dtype
-    blocks = row_blocks(ref, got, CHUNK)
-    m = min(n, 2 * CHUNK)  # blocks of transposed views are whole TILE-row runs: up to ~2 chunks
+    blocks = row_blocks(ref, got, chunk, part)
+    m = min(n, 2 * chunk)  # blocks of transposed views are whole TILE-row runs: up to ~2 chunks
     d_buf, r_buf = np.empty(m, dtype), (np.empty(m, dtype) if rel else None)
     blas = dtype in (np.float32, np.float64)
     best, best_i, sum_d, sum_d2, sum_r2, scale, max_rel = -1.0, 0, 0.0, 0.0, 0.0, 0.0, 0.0
@@ -247,20 +295,20 @@ def _chunked_stats(ref: np.ndarray, got: np.ndarray, rel: bool = True) -> dict[s
             if rel:
                 np.divide(d, absa, out=absa)     # 0/0 is NaN, which fmax skips; x/0 is inf
                 max_rel = max(max_rel, float(np.fmax.reduce(absa)))
-    worst = tuple(int(x) for x in np.unravel_index(best_i, ref.shape)) if ref.ndim else ()
-    return {"max_abs": max(best, 0.0), "mean_abs": sum_d / n, "max_rel": max_rel if rel else float("nan"),
-            "worst": worst, "scale": scale, "rms_rel": (sum_d2 / sum_r2) ** 0.5 if sum_r2 > 0 else 0.0}
+    return {"best": best, "best_i": best_i, "sum_d": sum_d, "sum_d2": sum_d2, "sum_r2": sum_r2, "scale": scale,
+            "max_rel": max_rel}
 
 
-def compare_row(row: Row, ref: Any, got: Any, tol: LayerTolerance, floor: float = 0.0) -> Row:
+def compare_row(row: Row, ref: Any, got: Any, tol: LayerTolerance, floor: float = 0.0, threads: int = 1) -> Row:
     """Fill ``row`` with torch ``ref`` vs paddle ``got``: shape, dtype and NaN/Inf as ``compare``
-    judges them (never passing), then the verdict on the normalized error (``LayerTolerance``)."""
+    judges them (never passing), then the verdict on the normalized error (``LayerTolerance``).
+    ``threads``: how many threads may compare one large tensor (``_chunked_stats``)."""
     ref, got = _reduce_broadcast(row, np.asarray(ref), np.asarray(got))
     row.shape = list(ref.shape)
     row.tolerance = tol.describe()
     st = None
     if ref.shape == got.shape and ref.dtype.kind == got.dtype.kind == "f" and ref.size:
-        st = _chunked_stats(ref, got, rel=False)
+        st = _chunked_stats(ref, got, rel=False, threads=threads)
     if st is None:                         # integers, empty, or something compare() must explain
         d = compare(row.label, ref, got, Tolerance(float("inf"), "max"))
         row.max_abs, row.mean_abs, row.max_rel = d.max_abs, d.mean_abs, d.max_rel
@@ -278,7 +326,7 @@ def compare_row(row: Row, ref: Any, got: Any, tol: LayerTolerance, floor: float 
     row.passed = bool(np.isfinite(row.norm_err) and row.norm_err <= tol.threshold)
     if not row.passed:
         if st is not None:                 # the max relative error: for the rows that fail
-            row.max_rel = _chunked_stats(ref, got)["max_rel"]
+            row.max_rel = _chunked_stats(ref, got, threads=threads)["max_rel"]
         where = f" at {row.worst_index}" if row.worst_index is not None else ""
         row.reason = (f"max|diff| {row.max_abs:.3e}{where} is {row.norm_err:.2e} of max|torch| "
                       f"{denom:.3e} > {tol.threshold:g}")
@@ -293,8 +341,9 @@ class LiveDiff:
 
     def __init__(self, lmap: LayerMap, tol_for: TolFn, on_row: Callable[[Row], None] | None = None,
                  weight_map: Any = None, hold_budget: int = 512 << 20, spill_dir: Path | None = None,
-                 stop_at_first: bool = False, keep: Callable[[Row], bool] | None = None):
+                 stop_at_first: bool = False, keep: Callable[[Row], bool] | None = None, threads: int = 1):
         self.lmap, self.tol_for, self.on_row = lmap, tol_for, on_row
+        self.threads = max(1, int(threads))   # per large tensor (compare_row); 1 on small hosts
         self.weight_map = weight_map
         self.store = HoldStore(hold_budget, spill_dir)
         self.stop_at_first = stop_at_first
@@ -434,7 +483,7 @@ class LiveDiff:
         row.seq = int(meta.get("seq", 0))
         row.made_by = list(meta.get("made_by") or [])
         tol = self.tol_for(what, row.torch_type)
-        compare_row(row, t_arr, p_arr, tol, tol.floor_frac * self.phase_scale.get(phase, 0.0))
+        compare_row(row, t_arr, p_arr, tol, tol.floor_frac * self.phase_scale.get(phase, 0.0), self.threads)
         if np.asarray(t_arr).dtype.kind == "f" and np.isfinite(row.scale):
             self.phase_scale[phase] = max(self.phase_scale.get(phase, 0.0), row.scale)
         if self.keep is not None and self.keep(row):

@@ -9,6 +9,8 @@ gradient). The layer then runs alone on both sides with that same input.
 
 from __future__ import annotations
 
+import os
+
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -58,13 +60,24 @@ class Capture:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+def diff_threads(requested: int, cores: int | None = None) -> int:
+    """Threads comparing one large tensor: ``layers_diff_threads`` when set, else 1 on hosts of up
+    to 4 cores (both frameworks need them; measured on 2: no gain) and a quarter of the cores,
+    at most 8, above that (16 cores: 4; bench/RESULTS.md)."""
+    if requested > 0:
+        return requested
+    cores = cores or os.cpu_count() or 1
+    return 1 if cores <= 4 else min(8, max(2, cores // 4))
+
+
 def capture(rc: RunContext, lmap: LayerMap, inputs: dict[str, np.ndarray], tol: LayerTolerance, *,
             backward: bool = False, labels: np.ndarray | None = None, on_row: Callable[[Row], None] | None = None,
             stop_at_first: bool = False, keep: Callable[[Row], bool] | None = None) -> Capture:
     """One ``capture_layers`` request per worker (the run's schedule), compared live."""
     budget = int(float(rc.param("layers_hold_mib")) * (1 << 20))
     ld = LiveDiff(lmap, lambda what, typ: tol, on_row, weight_map=rc.weight_map, hold_budget=budget,
-                  spill_dir=rc.out, stop_at_first=stop_at_first, keep=keep)
+                  spill_dir=rc.out, stop_at_first=stop_at_first, keep=keep,
+                  threads=diff_threads(int(rc.param("layers_diff_threads"))))
     body: dict[str, Any] = {"inputs": inputs, "backward": backward}
     if backward:
         body.update(labels=labels, forward_events=False, param_grads=True)

@@ -44,6 +44,8 @@ DEFAULTS: dict[str, Any] = {
     "layer_map": None,          # layers: TOML overriding the automatic layer pairing ([[layer]] torch/paddle)
     "layers_hold_mib": 1024.0,  # layers: torch tensors held waiting for paddle's; beyond this, spilled to disk
                                 # (1024: BERT-base's backward, 717 MiB, stays in the worker's ring)
+    "layers_diff_threads": 0,   # layers: threads comparing one large tensor on the coordinator (0: auto,
+                                # 1 on hosts of up to 4 cores, where the frameworks need every core)
     "layers_pace": 8,           # layers, parallel schedule: a worker streams at most this many tensors ahead
                                 # of the other (0: unpaced); in turns (small CPU boxes) it does not apply
 }

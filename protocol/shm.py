@@ -180,6 +180,8 @@ class RingWriter(_Ring):
         self.bytes = 0
         self.full = 0  # tensors that went as frames for lack of room
         self.touched = 0  # data bytes [0, touched) have been written once (first-fit keeps them low)
+        self.copy_threads = copy_threads()
+        self._pool: Any = None
 
     def populate(self, upto: int) -> int:
         """Make the data pages below ``upto`` resident and writable in one go; bytes newly done.
@@ -230,10 +232,26 @@ class RingWriter(_Ring):
         offset = first * PAGE
         if offset + n > self.touched:
             self.populate(offset + n)
-        np.copyto(self.data[offset:offset + n], raw)
+        self._copy(self.data[offset:offset + n], raw)
         self.tensors += 1
         self.bytes += n
         return offset
+
+    def _copy(self, dst: np.ndarray, src: np.ndarray) -> None:
+        """One copy into the ring; a large one split over ``copy_threads`` threads (numpy drops the
+        GIL while it copies). A hook copies while the framework's own compute threads wait for
+        it, so on a many-core host this takes cores that would idle: 202 MiB per forward of the
+        benchmark stack is ~40 ms on one thread (bench/RESULTS.md, layer capture)."""
+        n = src.size
+        parts = min(self.copy_threads, n // COPY_PART_MIN)
+        if parts < 2:
+            np.copyto(dst, src)
+            return
+        if self._pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(self.copy_threads, thread_name_prefix="lockstep-ring")
+        step = -(-n // parts)
+        list(self._pool.map(lambda lo: np.copyto(dst[lo:lo + step], src[lo:lo + step]), range(0, n, step)))
 
     def unput(self, offset: int, nbytes: int) -> None:
         """Hand back pages of a message that was never sent (the coordinator never saw them)."""
@@ -241,6 +259,29 @@ class RingWriter(_Ring):
         self.pagemap[first:first + math.ceil(nbytes / PAGE)] = 0
         self.tensors -= 1
         self.bytes -= nbytes
+
+
+COPY_ENV = "LOCKSTEP_COPY_THREADS"
+COPY_PART_MIN = 1 << 20   # bytes per copying thread, at least
+
+
+def copy_threads(environ: Any = None) -> int:
+    """Threads for one large copy into the ring: ``LOCKSTEP_COPY_THREADS``, else 1 for a worker
+    of up to 4 threads (2 cores: measured no gain, the coordinator needs the other core) and
+    half its threads, at most 8, above that."""
+    env = os.environ if environ is None else environ
+    raw = env.get(COPY_ENV, "")
+    if raw.strip():
+        try:
+            return max(1, int(raw))
+        except ValueError:
+            print(f"lockstep: {COPY_ENV}={raw!r} is not a number; copying on one thread", file=sys.stderr)
+            return 1
+    try:
+        threads = int(env.get("LOCKSTEP_THREADS", "") or 0)
+    except ValueError:
+        threads = 0
+    return 1 if threads <= 4 else min(8, threads // 2)
 
 
 def writer_from_env() -> RingWriter | None:

@@ -345,3 +345,55 @@ def test_transposed_param_grad_rows_match_contiguous_copies():
     assert not rv.passed and rv.worst_index == rc.worst_index == [250, 7]
     assert (rv.max_abs, rv.scale, rv.max_rel) == (rc.max_abs, rc.scale, rc.max_rel)
     assert rv.mean_abs == pytest.approx(rc.mean_abs, rel=1e-6) and rv.rms_rel == pytest.approx(rc.rms_rel, rel=1e-6)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
+def test_threaded_statistics_equal_one_pass(monkeypatch, layout):
+    """One large tensor compared by several threads (many-core hosts) gives one pass's worst
+    position (the first largest, even when it ties in two parts), max|ref| and max_rel; the
+    sums differ only in rounding. A NaN in the last part still fails the row."""
+    import coordinator.layerdiff as ld
+    monkeypatch.setattr(ld, "CHUNK", 1024)
+    monkeypatch.setattr(ld, "PART_MIN", 2048)
+    rng = np.random.RandomState(11)
+    base = rng.standard_normal((1280, 384)).astype(np.float32)
+    other = base + rng.standard_normal(base.shape).astype(np.float32) * np.float32(1e-5)
+    for r, c in ((70, 4), (1200, 8)):                  # an exact tie: the first (part 0) must win
+        base[r, c], other[r, c] = 0.0, 0.25
+    t, p = {"contiguous": (base, other), "transposed": (np.ascontiguousarray(base.T).T, other),
+            "strided": (base[:, ::2], other[:, ::2])}[layout]
+    one = ld._chunked_stats(t, p, rel=True, threads=1)
+    assert ld.block_count(t, p, ld.CHUNK) >= 8
+    for threads in (2, 3, 8):
+        many = ld._chunked_stats(t, p, rel=True, threads=threads)
+        assert many["worst"] == one["worst"] and many["worst"][0] == 70
+        assert (many["max_abs"], many["scale"], many["max_rel"]) == (one["max_abs"], one["scale"], one["max_rel"])
+        assert many["mean_abs"] == pytest.approx(one["mean_abs"], rel=1e-9)
+        assert many["rms_rel"] == pytest.approx(one["rms_rel"], rel=1e-9)
+    bad = np.array(p, copy=True)
+    bad[-1, -1] = np.nan
+    assert ld._chunked_stats(t, bad, rel=False, threads=4) is None
+    row = compare_row(Row("forward", "output", "x", "x", "x"), t, p, LayerTolerance(1e-3), threads=4)
+    assert not row.passed and row.worst_index == list(one["worst"])
+
+
+def test_row_block_parts_cover_every_block_once():
+    """Parts of ``row_blocks`` (one per comparing thread) are consecutive and together exactly the
+    whole; control: the blocks of one pass."""
+    from coordinator.compare import block_count, row_blocks
+    rng = np.random.RandomState(2)
+    for a, b in ((rng.standard_normal(10_001).astype(np.float32),) * 2,
+                 (rng.standard_normal((513, 300)).astype(np.float32).T, rng.standard_normal((300, 513)))):
+        whole = [(i, x.copy(), y.copy()) for i, x, y in row_blocks(a, b, 700)]
+        assert len(whole) == block_count(a, b, 700)
+        for n in (1, 2, 3, 7, len(whole) + 3):
+            parts = [(i, x.copy(), y.copy()) for p in range(n) for i, x, y in row_blocks(a, b, 700, (p, n))]
+            assert [i for i, _, _ in parts] == [i for i, _, _ in whole]
+            assert all(np.array_equal(x, wx) and np.array_equal(y, wy)
+                       for (_, x, y), (_, wx, wy) in zip(parts, whole))
+
+
+def test_diff_threads_default_to_one_on_small_hosts():
+    from coordinator.layerrun import diff_threads
+    assert [diff_threads(0, c) for c in (1, 2, 4, 8, 16, 64)] == [1, 1, 1, 2, 4, 8]
+    assert diff_threads(3, 2) == 3                      # --param layers_diff_threads=3 wins

@@ -301,3 +301,24 @@ def test_batch_wait_setting_is_checked():
     assert _batch_seconds(None) == _batch_seconds("") == 0.02
     assert _batch_seconds("0") == 0.0 and _batch_seconds("0.5") == 0.5
     assert _batch_seconds("soon") == 0.02 and _batch_seconds("-1") == 0.02   # named on stderr, default kept
+
+
+@pytest.mark.parametrize("threads", [1, 3, 4])
+def test_a_large_copy_split_over_threads_lands_whole(ring, threads):
+    """Many-core workers split a large copy into the ring over threads: every byte lands, odd
+    sizes too (control: one thread)."""
+    reader, writer = ring
+    writer.copy_threads = threads
+    arr = np.random.RandomState(threads).standard_normal(3 * MIB // 4 + 13).astype(np.float32)  # not a part multiple
+    _, msg = roundtrip(writer, reader, {"t": arr})
+    np.testing.assert_array_equal(msg.body["t"], arr)
+    assert (writer._pool is not None) == (threads > 1)
+
+
+def test_copy_threads_setting():
+    assert shm.copy_threads({"LOCKSTEP_THREADS": "2"}) == 1          # small hosts: one thread
+    assert shm.copy_threads({"LOCKSTEP_THREADS": "8"}) == 4
+    assert shm.copy_threads({"LOCKSTEP_THREADS": "64"}) == 8
+    assert shm.copy_threads({"LOCKSTEP_THREADS": "8", "LOCKSTEP_COPY_THREADS": "2"}) == 2
+    assert shm.copy_threads({"LOCKSTEP_COPY_THREADS": "x"}) == 1
+    assert shm.copy_threads({}) == 1
