@@ -10,7 +10,6 @@ gradient). The layer then runs alone on both sides with that same input.
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -62,7 +61,7 @@ class Capture:
 
 def diff_threads(requested: int, cores: int | None = None) -> int:
     """Threads comparing one large tensor: ``layers_diff_threads`` when set, else 1 on hosts of up
-    to 4 cores (both frameworks need them; measured on 2: no gain) and a quarter of the cores,
+    to 4 cores (both frameworks need them; on 2, two threads were slower) and a quarter of the cores,
     at most 8, above that (16 cores: 4; bench/RESULTS.md)."""
     if requested > 0:
         return requested
