@@ -39,6 +39,9 @@ def build_optimizer(model: paddle.nn.Layer, cfg: dict[str, Any], inject: list[st
         no_decay = []
     named = [(n, p) for n, p in model.named_parameters() if not p.stop_gradient]  # BatchNorm stats are not trained
     decay = [n for n, _ in named if not any(nd in n for nd in no_decay)]
+    if cfg.get("decay_names") is not None and inject_value(inject, "adamw_wd_all") is None:
+        wanted = set(cfg["decay_names"])   # an own-model pair: what torch decays, in paddle's names
+        decay = [n for n, _ in named if n in wanted]
     decay_internal = {p.name for n, p in named if n in set(decay)}
     lr, wd = float(cfg["lr"]), float(cfg["weight_decay"])
     beta1, beta2 = (float(b) for b in cfg.get("betas", (0.9, 0.999)))

@@ -350,3 +350,75 @@ def test_paddle_worker_says_hello_without_paddlenlp():
                                    "print(json.dumps(PaddleAdapter().hello()['libraries']))")
     assert control.returncode == 0, control.stderr[-2000:]
     assert json.loads(control.stdout.strip().splitlines()[-1])["paddlenlp"][0].isdigit()
+
+
+TOKNET_TORCH = '''
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+class TokNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(40, 16)
+        self.ln = nn.LayerNorm(16)
+        self.cls = nn.Linear(16, 2)
+
+    def forward(self, input_ids, labels=None):
+        return self.cls(self.ln(self.tok(input_ids))[:, 0])
+
+def build(seed=0):
+    torch.manual_seed(seed)
+    return {"model": TokNet(),
+            "inputs": [{"name": "input_ids", "shape": [4, 5], "dtype": "int64", "low": 0, "high": 40},
+                       {"name": "labels", "shape": [4], "dtype": "int64", "low": 0, "high": 2}],
+            "loss": lambda o, b: F.cross_entropy(o["output"], b["labels"]),
+            "optimizer": {"type": "adamw", "lr": 1e-2, "weight_decay": 0.1, "no_decay": ["bias", "ln."]}}
+'''
+
+TOKNET_PADDLE = '''
+import paddle
+import paddle.nn.functional as F
+from paddle import nn
+
+class TokNet(nn.Layer):
+    def __init__(self):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(40, 16)
+        self.norm = nn.LayerNorm(16)
+        self.classifier = nn.Linear(16, 2)
+
+    def forward(self, input_ids, labels=None):
+        return self.classifier(self.norm(self.word_embeddings(input_ids))[:, 0])
+
+def build():
+    out = {"model": TokNet(), "loss": lambda o, b: F.cross_entropy(o["output"], b["labels"])}
+    NO_DECAY
+    return out
+'''
+
+
+@pytest.mark.timeout(240)
+def test_weight_decay_groups_follow_the_mapping_not_each_sides_names(tmp_path):
+    """A factory's `no_decay` patterns name torch's parameters (`ln.`); the port calls its LayerNorm
+    `norm`. Paddle decays what torch decays, by the mapping, and the backward step aligns.
+    Negative control: a paddle factory with its own patterns that miss the LayerNorm is used and
+    flagged (its LayerNorm weight decays on paddle only)."""
+    (tmp_path / "tok_torch.py").write_text(TOKNET_TORCH)
+    (tmp_path / "tok_paddle.py").write_text(TOKNET_PADDLE.replace("NO_DECAY", "pass"))
+    args = ["--torch-model", "tok_torch:build", "--paddle-model", "tok_paddle:build",
+            "--torch-path", str(tmp_path), "--paddle-path", str(tmp_path)]
+    proc = cli(["run", "--steps", "weights,backward", "--out", str(tmp_path / "ok"), "--no-create", *args])
+    assert proc.returncode == ExitCode.ALIGNED, text(proc)[-3000:]
+    opt = steps_of(tmp_path / "ok")["backward"]["details"]["optimizer"]
+    assert opt["torch"]["decayed"] == opt["paddle"]["decayed"] == 2 and opt["paddle"]["not_decayed"] == 3, opt
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "tok_torch.py").write_text(TOKNET_TORCH)
+    (bad / "tok_paddle.py").write_text(TOKNET_PADDLE.replace(
+        "NO_DECAY", 'out["optimizer"] = {"type": "adamw", "no_decay": ["bias"]}'))
+    args = [a.replace(str(tmp_path), str(bad)) for a in args]
+    proc = cli(["run", "--steps", "weights,backward", "--out", str(bad / "r"), "--no-create", *args])
+    assert proc.returncode == ExitCode.DIVERGED, text(proc)[-3000:]
+    assert "decayed on paddle only (first: norm.weight)" in steps_of(bad / "r")["backward"]["message"]

@@ -111,10 +111,26 @@ def setup_both(rc: RunContext, lr: float, dropout: str) -> tuple[dict, dict, Ten
     rc.cache["optim"] = body["optim"]
     rc.both("weights_snapshot", {}, at_once=True)   # each worker keeps its pristine weights for restore_weights
     rc.cache["weights_snapshot"] = True
-    t, p = rc.both("train_setup", body)
-    t_decay = {rc.weight_map.target_name(n) for n in t["decay"]}
+    paddle_recipe = (rc.model_info.get("paddle") or {}).get("optimizer")
+    own_patterns = isinstance(paddle_recipe, dict) and paddle_recipe.get("no_decay") is not None
+    if (rc.model_info.get("torch") or {}).get("kind") == "factory" and not own_patterns:
+        # An own-model pair: the recipe's name patterns were written for torch's names (the
+        # port may call its LayerNorm anything), so paddle decays exactly what torch decays,
+        # by the mapping; a paddle factory's own `no_decay` patterns are used (and checked) instead.
+        t = rc.session.request("torch", "train_setup", body)
+        names = sorted(paddle_param_names(rc, t["decay"]))
+        p = rc.session.request("paddle", "train_setup", dict(body, optim=dict(body["optim"], decay_names=names)))
+    else:
+        if own_patterns:
+            pbody = dict(body, optim=dict(body["optim"], no_decay=list(paddle_recipe["no_decay"])))
+            t, p = rc.both("train_setup", body, pbody)
+        else:
+            t, p = rc.both("train_setup", body)
+    t_decay = paddle_param_names(rc, t["decay"])
     p_decay = set(p["decay"])
     only_t, only_p = sorted(t_decay - p_decay), sorted(p_decay - t_decay)
+    if (only_t or only_p) and float(t.get("weight_decay", 1.0)) == 0.0 == float(p.get("weight_decay", 1.0)):
+        only_t = only_p = []     # no weight decay at all: the groups cannot make a difference
     if only_t or only_p:
         parts = []
         if only_t:
@@ -125,6 +141,24 @@ def setup_both(rc: RunContext, lr: float, dropout: str) -> tuple[dict, dict, Ten
     else:
         check = TensorDiff("decay_groups", True, max_abs=0.0, mean_abs=0.0, min_abs=0.0, max_rel=0.0, value=0.0)
     return t, p, check
+
+
+def paddle_param_names(rc: RunContext, torch_names: Any) -> set[str]:
+    """Paddle's names for torch parameters, as the mapping converts them: renames, every part of a
+    split, the merged key of a [[merge]] part; ignored keys drop out."""
+    sd = rc.cache.get("torch_weights") or {}
+    out: set[str] = set()
+    for name in torch_names:
+        if rc.weight_map.ignored_source(name):
+            continue
+        part = rc.weight_map.merge_part(name)
+        if part:
+            out.add(rc.weight_map.target_name(part[1]))   # the merged torch key, then renamed
+        elif name in sd:
+            out.update(k for k, _a, _ops in rc.weight_map.convert_one(name, sd[name], views=True))
+        else:
+            out.add(rc.weight_map.target_name(name))
+    return out
 
 
 def to_paddle_names(rc: RunContext, tensors: dict[str, Any]) -> dict[str, np.ndarray]:
