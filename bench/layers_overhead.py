@@ -13,7 +13,7 @@ comparison as the step does it (both workers, the coordinator diffing as tensors
 ``--factory`` runs the same measurement on ``bench/models/ffn_*.py`` instead of BERT: an own-model
 pair of BERT-base's shape without attention (12 blocks of Linear 768->3072, GELU, Linear,
 LayerNorm), which needs only torch and paddle (no transformers, no paddlenlp), so it runs on a
-machine where only the frameworks can be installed (scripts/gpu_bench.sh).
+machine where only the frameworks can be installed (scripts/device_bench.sh).
 
 Reported: worker-side seconds (min over reps: the machine is shared, the minimum is the
 least disturbed), overhead in percent (mins against mins, and the median of the ratios paired

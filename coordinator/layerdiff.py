@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -243,12 +244,17 @@ PART_MIN = 1 << 16   # elements (256 KB of float32) below which a thread's share
 _POOLS: dict[int, Any] = {}
 
 
+_POOLS_LOCK = threading.Lock()
+
+
 def _pool(threads: int) -> Any:
-    """One thread pool per size for the process (comparisons are the coordinator's only users)."""
-    pool = _POOLS.get(threads)
-    if pool is None:
-        from concurrent.futures import ThreadPoolExecutor
-        pool = _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="lockstep-diff")
+    """One thread pool per size for the process. Its tasks are ``_part_stats`` only: a task that
+    called ``_chunked_stats`` with threads > 1 would wait for a slot of its own pool."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(threads)
+        if pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+            pool = _POOLS[threads] = ThreadPoolExecutor(threads, thread_name_prefix="lockstep-diff")
     return pool
 
 

@@ -165,7 +165,7 @@ class PaddleAdapter(*_MIXINS, Adapter):
         try:     # BERT presets need it; an own-model (factory) pair runs on paddle alone
             import paddlenlp
             nlp_version = paddlenlp.__version__
-        except ImportError as exc:
+        except Exception as exc:   # missing, or installed but broken against this paddle
             nlp_version = f"not importable ({type(exc).__name__}: {exc})"
         info = {"framework": "paddle", "framework_version": paddle.__version__,
                 "libraries": {"paddlenlp": nlp_version, "numpy": np.__version__},

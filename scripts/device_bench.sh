@@ -15,9 +15,11 @@
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 what="${1:-all}"
+case "$what" in checks|bench|all) ;; *) echo "usage: scripts/device_bench.sh [checks|bench|all] (got '$what')" >&2; exit 2 ;; esac
 t0=$(date +%s)
 D="${OUT:-/tmp/device-out}"; mkdir -p "$D"
-rm -rf /tmp/runs
+R=/tmp/lockstep-device-runs   # this script's own run directories, fresh each time
+rm -rf "$R"
 if [ ! -x /tmp/bin/paddle-python ]; then
   cat /tmp/stage/paddle.zst.0 .gpu/paddle.zst.1 > /tmp/stage/p.zst || exit 5
   [ "$(sha256sum < /tmp/stage/p.zst | cut -d' ' -f1)" = "$(cut -d' ' -f1 .gpu/paddle.sha256)" ] || { echo "paddle parts: checksum mismatch"; exit 5; }
@@ -30,7 +32,7 @@ if [ ! -x /tmp/bin/paddle-python ]; then
   printf '#!/bin/sh\nPYTHONPATH=/tmp/psite${PYTHONPATH:+:$PYTHONPATH} exec python3 "$@"\n' > /tmp/bin/paddle-python
   chmod +x /tmp/bin/paddle-python
 fi
-mkdir -p /tmp/runs
+mkdir -p "$R"
 export PYTHONPATH=/tmp/site:$PWD
 echo "set-up: $(( $(date +%s) - t0 )) s"
 rc=0
@@ -39,12 +41,12 @@ if [ "$what" = checks ] || [ "$what" = all ]; then
   export TORCH_PYTHON=python3 PADDLE_PYTHON=/tmp/bin/paddle-python
   CNN="--torch-model examples.cnn.torch_model:build"
   echo "### gpu_check: CNN, torch cuda:0 vs paddle cpu (expect 0)"
-  OUT=/tmp/runs/cnn TORCH_DEVICE=cuda:0 PADDLE_DEVICE=cpu STEPS=weights,forward,layers,loss,metric,backward \
+  OUT="$R/cnn" TORCH_DEVICE=cuda:0 PADDLE_DEVICE=cpu STEPS=weights,forward,layers,loss,metric,backward \
     RUN_ARGS="$CNN --paddle-model examples.cnn.paddle_model:build" \
     timeout 400 bash scripts/gpu_check.sh > "$D/check_cnn.log" 2>&1 || rc=1
   tail -n 25 "$D/check_cnn.log"
   echo "### gpu_check: buggy CNN port, torch cuda:0 (negative control, expect 1)"
-  OUT=/tmp/runs/buggy TORCH_DEVICE=cuda:0 PADDLE_DEVICE=cpu STEPS=weights,forward,layers EXPECT=1 \
+  OUT="$R/buggy" TORCH_DEVICE=cuda:0 PADDLE_DEVICE=cpu STEPS=weights,forward,layers EXPECT=1 \
     RUN_ARGS="$CNN --paddle-model examples.cnn_buggy.paddle_model:build" \
     timeout 300 bash scripts/gpu_check.sh > "$D/check_buggy.log" 2>&1 || rc=1
   grep -E "first divergent|^status:|gpu_check" "$D/check_buggy.log"
@@ -55,7 +57,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   export LOCKSTEP_WORKER_ARGV_PADDLE='["/tmp/bin/paddle-python", "-m", "paddle_worker"]'
   lo() {
     local name=$1; shift; echo "### layers_overhead --factory $*"
-    timeout 90 python3 bench/layers_overhead.py --factory --reps 3 --out "/tmp/runs/$name" "$@" > "$D/lo_$name.txt" 2>&1 || rc=1
+    timeout 90 python3 bench/layers_overhead.py --factory --reps 3 --out "$R/$name" "$@" > "$D/lo_$name.txt" 2>&1 || rc=1
     python3 - "$D/lo_$name.txt" <<'PY'
 import json, sys
 t = open(sys.argv[1]).read(); i = t.find("{\n")

@@ -11,14 +11,18 @@
 #   COORDINATOR="python3 -c 'import sys; from coordinator.cli import main; sys.exit(main())'" \
 #     TORCH_PYTHON=... PADDLE_PYTHON=... scripts/gpu_check.sh
 #                                             # an offline machine: no .venv, no environment builds
-# Knobs: STEPS (default weights,forward[,backward]), ENV_TIMEOUT (s, default 900),
+# Knobs: STEPS (default weights,forward,backward), ENV_TIMEOUT (s, default 900),
 #        RUN_TIMEOUT (s, default 420), OUT (run dir, default runs/gpu-check-<time>),
-#        TORCH_DEVICE / PADDLE_DEVICE (default: a GPU each, or both on GPU 0 when there is one),
+#        TORCH_DEVICE / PADDLE_DEVICE (default: cuda:0 and gpu:1, or gpu:0 when there is one GPU;
+#        two workers on one GPU index get --allow-shared-gpu),
 #        RUN_ARGS (more `coordinator run` arguments, e.g. factory model specs),
 #        EXPECT (the run's expected exit status, default 0: a negative control passes 1).
 # Exit status: 0 aligned; otherwise the failing phase's status (the coordinator's exit codes).
 set -uo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+for v in TORCH_PYTHON PADDLE_PYTHON; do   # a relative path is the caller's, before the cd below
+  case "${!v:-}" in */*) printf -v "$v" '%s' "$(realpath -ms "${!v}")" ;; esac
+done
 cd "$here"
 ENV_TIMEOUT="${ENV_TIMEOUT:-900}"
 RUN_TIMEOUT="${RUN_TIMEOUT:-420}"
@@ -53,7 +57,9 @@ fi
 say "worker environments (GPU)"
 if [ -n "${TORCH_PYTHON:-}" ] || [ -n "${PADDLE_PYTHON:-}" ]; then
   [ -n "${TORCH_PYTHON:-}" ] && [ -n "${PADDLE_PYTHON:-}" ] || die "set both TORCH_PYTHON and PADDLE_PYTHON" 2
-  TORCH_PYTHON=$(command -v "$TORCH_PYTHON") && PADDLE_PYTHON=$(command -v "$PADDLE_PYTHON") || die "TORCH_PYTHON/PADDLE_PYTHON: not found" 2
+  # absolute paths: the workers start in the run directory
+  TORCH_PYTHON=$(realpath -s "$(command -v "$TORCH_PYTHON")") && PADDLE_PYTHON=$(realpath -s "$(command -v "$PADDLE_PYTHON")") \
+    || die "TORCH_PYTHON/PADDLE_PYTHON: not found" 2
   export LOCKSTEP_WORKER_ARGV_TORCH="[\"$TORCH_PYTHON\", \"-m\", \"torch_worker\"]"
   export LOCKSTEP_WORKER_ARGV_PADDLE="[\"$PADDLE_PYTHON\", \"-m\", \"paddle_worker\"]"
   export PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}"   # protocol + the worker packages
@@ -64,28 +70,29 @@ else
   timeout 300 "${co[@]}" envs check --env-set gpu || die "the GPU environments do not import their framework" 3
 fi
 
-if [ -n "${TORCH_DEVICE:-}" ] || [ -n "${PADDLE_DEVICE:-}" ]; then
-  devices=(--torch-device "${TORCH_DEVICE:-cuda:0}" --paddle-device "${PADDLE_DEVICE:-cpu}")
-elif [ "$ngpu" -ge 2 ]; then
-  devices=(--torch-device cuda:0 --paddle-device gpu:1)
-else
-  devices=(--torch-device cuda:0 --paddle-device gpu:0 --allow-shared-gpu)
-  echo "only one GPU: both workers on GPU 0 (--allow-shared-gpu)"
+# each side: its own GPU by default (both on GPU 0 when there is one), or what TORCH_DEVICE /
+# PADDLE_DEVICE say; two workers on one GPU index get --allow-shared-gpu
+tdev="${TORCH_DEVICE:-cuda:0}"
+if [ "$ngpu" -ge 2 ]; then pdev="${PADDLE_DEVICE:-gpu:1}"; else pdev="${PADDLE_DEVICE:-gpu:0}"; fi
+devices=(--torch-device "$tdev" --paddle-device "$pdev")
+gpu_index() { case "$1" in cuda|gpu) echo 0 ;; cuda:*|gpu:*) echo "${1#*:}" ;; *) echo "" ;; esac; }
+ti=$(gpu_index "$tdev"); pi=$(gpu_index "$pdev")
+if [ -n "$ti" ] && [ "$ti" = "$pi" ]; then
+  devices+=(--allow-shared-gpu)
+  echo "both workers on GPU $ti (--allow-shared-gpu)"
 fi
+where="on $tdev and $pdev"
 
 eval "extra=(${RUN_ARGS:-})"
+control=()
+for a in "${extra[@]}"; do [ "$a" = --allow-shared-gpu ] || control+=("$a"); done
 say "negative control: one GPU for both without --allow-shared-gpu is refused"
-"${co[@]}" run --steps weights --torch-device cuda:0 --paddle-device gpu:0 --out "$OUT-refused" --no-create "${extra[@]}"
+"${co[@]}" run --steps weights --torch-device cuda:0 --paddle-device gpu:0 --out "$OUT-refused" --no-create "${control[@]}"
 code=$?
 [ "$code" -eq 2 ] || die "expected exit 2 for a shared GPU, got $code" 1
 echo "refused as expected (exit 2)"
 
-if [ -z "${STEPS:-}" ]; then
-  STEPS=weights,forward
-  if "$py" -c 'import sys; from coordinator.steps import STEPS; sys.exit("backward" not in STEPS)'; then
-    STEPS=weights,forward,backward
-  fi
-fi
+STEPS="${STEPS:-weights,forward,backward}"
 
 say "run: steps $STEPS, ${devices[*]}"
 timeout -k 20 "$RUN_TIMEOUT" "${co[@]}" run --steps "$STEPS" "${devices[@]}" --env-set gpu --out "$OUT" \
@@ -120,4 +127,4 @@ for log in "$OUT"/*_worker.log; do
 done
 expect="${EXPECT:-0}"
 [ "$code" -eq "$expect" ] || die "the run exited $code (expected $expect)" "$([ "$code" -eq 0 ] && echo 1 || echo "$code")"
-if [ "$expect" -eq 0 ]; then echo "gpu_check: OK (aligned on GPU)"; else echo "gpu_check: OK (exit $code as expected)"; fi
+if [ "$expect" -eq 0 ]; then echo "gpu_check: OK (aligned $where)"; else echo "gpu_check: OK (exit $code as expected, $where)"; fi

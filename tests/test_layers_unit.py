@@ -364,8 +364,13 @@ def test_threaded_statistics_equal_one_pass(monkeypatch, layout):
             "strided": (base[:, ::2], other[:, ::2])}[layout]
     one = ld._chunked_stats(t, p, rel=True, threads=1)
     assert ld.block_count(t, p, ld.CHUNK) >= 8
+    parts_run: list[int] = []
+    real_part = ld._part_stats
+    monkeypatch.setattr(ld, "_part_stats", lambda *a: parts_run.append(a[3][1]) or real_part(*a))
     for threads in (2, 3, 8):
+        parts_run.clear()
         many = ld._chunked_stats(t, p, rel=True, threads=threads)
+        assert parts_run == [threads] * threads          # really cut into one part per thread
         assert many["worst"] == one["worst"] and many["worst"][0] == 70
         assert (many["max_abs"], many["scale"], many["max_rel"]) == (one["max_abs"], one["scale"], one["max_rel"])
         assert many["mean_abs"] == pytest.approx(one["mean_abs"], rel=1e-9)

@@ -6,7 +6,7 @@ parameters and its per-layer outputs are BERT-base's feed-forward half, so a cap
 layer streams about as many bytes per forward as BERT-base does (~110 MiB per side at 4 x 128)
 on ~2/3 of its FLOPs: a harsher test of per-layer overhead than BERT itself. It needs only
 torch and paddle, so it also runs where paddlenlp is not installed (bench/layers_overhead.py
---factory; scripts/gpu_bench.sh).
+--factory; scripts/device_bench.sh).
 """
 
 from __future__ import annotations
