@@ -177,20 +177,32 @@ def build(torch_tree: list[dict[str, Any]], paddle_tree: list[dict[str, Any]], w
         add(t, p, "override")
 
     reasons: dict[str, str] = {}
-    # 1. modules holding parameters -> the paddle owner of the renamed parameters
+
+    def mapped_set(t: str) -> frozenset:
+        return frozenset(y for x in tm[t]["full"] if not weight_map.ignored_source(x)
+                         for y in weight_map.target_names(x))
+    p_by_full: dict[frozenset, list[str]] = {}
+    for p, m in pm.items():
+        if m["full"]:
+            p_by_full.setdefault(frozenset(m["full"]), []).append(p)
+    # 1. modules holding parameters -> the paddle owner of the renamed parameters; one whose own
+    #    parameters land in several paddle layers (torch's packed q/k/v split into q_proj, k_proj,
+    #    v_proj) -> the paddle layer holding exactly its renamed parameters, children included
     for t, m in tm.items():
         if not m.get("params"):
             continue
-        targets = {weight_map.target_name(f"{t}.{q}" if t else q) for q in m["params"]
-                   if not weight_map.ignored_source(f"{t}.{q}" if t else q)}
+        targets = {x for q in m["params"] if not weight_map.ignored_source(f"{t}.{q}" if t else q)
+                   for x in weight_map.target_names(f"{t}.{q}" if t else q)}
         owners = {x.rsplit(".", 1)[0] if "." in x else "" for x in targets}
         if len(owners) == 1 and next(iter(owners)) in pm:
             add(t, next(iter(owners)), "weights")
         elif targets:
-            reasons[t] = f"its parameters map to {sorted(owners)}, not one paddle layer"
+            same = [p for p in sorted(p_by_full.get(mapped_set(t), []), key=_depth) if p not in taken]
+            if same:
+                add(t, same[0], "params")
+            else:
+                reasons[t] = f"its parameters map to {sorted(owners)}, not one paddle layer"
     # 2. containers: identical renamed parameter sets, chains outermost first
-    def mapped_set(t: str) -> frozenset:
-        return frozenset(weight_map.target_name(x) for x in tm[t]["full"] if not weight_map.ignored_source(x))
     t_chains: dict[frozenset, list[str]] = {}
     for t, m in tm.items():
         if not m.get("params") and m["full"]:

@@ -224,6 +224,23 @@ class WeightMap:
             key = pat.sub(rep, key)
         return key
 
+    def target_names(self, key: str, ndim: int | None = None) -> list[str]:
+        """The paddle names a torch key becomes, without its tensor: [keys] and renames, then every
+        part of a split (a transform restricted to an ``ndim`` counts when ``ndim`` is unknown);
+        a [[merge]] part becomes its merged key's names. Layer pairing and the weight-decay
+        groups use this, so a port whose q/k/v come from one packed torch tensor still pairs."""
+        part = self.merge_part(key)
+        if part:
+            key = part[1]
+        names = [self.target_name(key)]
+        for t in self.transforms:
+            if t.op != "split":
+                continue
+            hit = key in t.keys if t.keys is not None else bool(t.pattern.search(key))
+            if hit and (ndim is None or t.ndim is None or t.ndim == ndim):
+                names = [re.sub(t.target_pattern, n, x) for x in names for n in t.targets]
+        return names
+
     def ignored_source(self, key: str) -> bool:
         return any(p.search(key) for p in self.ignore_source)
 

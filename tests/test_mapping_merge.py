@@ -157,3 +157,22 @@ def test_every_shipped_mapping_passes_the_schema():
     """The control for the typo checks: the built-in and test mappings load as they are."""
     for path in [*(ROOT / "coordinator/mappings").glob("*.toml"), *(ROOT / "tests/data").glob("*.toml")]:
         WeightMap.load(path)
+
+
+def test_target_names_follow_renames_splits_and_merges_without_tensors():
+    """Layer pairing and the decay groups name paddle's tensors without holding torch's: every
+    part of a split, a merge part's merged key; the same names convert_one produces (control)."""
+    wm = WeightMap.from_dict({
+        "keys": {"attn.in_proj_weight": "attn.QKV_proj.weight"},
+        "rename": [{"pattern": r"^enc\.", "replace": "encoder."}],
+        "transform": [{"pattern": r"in_proj_weight$", "op": "split", "axis": 0, "target_pattern": "QKV",
+                       "targets": ["q", "k", "v"]},
+                      {"pattern": r"weight$", "op": "transpose", "ndim": 2}]})
+    w = np.zeros((6, 2), np.float32)
+    assert wm.target_names("attn.in_proj_weight", 2) == ["attn.q_proj.weight", "attn.k_proj.weight",
+                                                         "attn.v_proj.weight"]
+    assert wm.target_names("attn.in_proj_weight") == [k for k, _a, _o in wm.convert_one("attn.in_proj_weight", w)]
+    assert wm.target_names("enc.fc.weight") == ["encoder.fc.weight"]
+    merged = WeightMap.from_dict(MERGE)
+    assert merged.target_names("attn.k.weight") == merged.target_names("attn.q.weight") == \
+        [merged.target_name(merged.merge_part("attn.q.weight")[1])]

@@ -422,3 +422,40 @@ def test_weight_decay_groups_follow_the_mapping_not_each_sides_names(tmp_path):
     proc = cli(["run", "--steps", "weights,backward", "--out", str(bad / "r"), "--no-create", *args])
     assert proc.returncode == ExitCode.DIVERGED, text(proc)[-3000:]
     assert "decayed on paddle only (first: norm.weight)" in steps_of(bad / "r")["backward"]["message"]
+
+
+OWN = ROOT / "tests" / "data" / "own_models"
+
+
+@pytest.mark.timeout(300)
+def test_a_transformer_port_with_packed_qkv_aligns_and_a_kv_swap_is_pinned(tmp_path):
+    """torch.nn.TransformerEncoderLayer (q/k/v packed in in_proj_weight, out_proj applied
+    functionally) against paddle's (q_proj/k_proj/v_proj, out_proj called as a layer), mapped with
+    a split. The correct port aligns in every step: MultiheadAttention pairs with paddle's layer
+    through its split parameters, out_proj's paddle-only output is noted and not failed, and the
+    SGD recipe's weight decay groups match through the split. Negative control: the same port
+    with k and v swapped in the mapping (the weights step cannot see it) fails, first at
+    layer.self_attn, as its own error."""
+    args = ["--torch-model", "attn_torch:build", "--paddle-model", "attn_paddle:build",
+            "--torch-path", str(OWN), "--paddle-path", str(OWN)]
+    out = tmp_path / "ok"
+    proc = cli(["run", "--steps", "weights,forward,layers,backward", "--out", str(out), "--no-create",
+                "--mapping", str(OWN / "attn_map.toml"), *args])
+    assert proc.returncode == ExitCode.ALIGNED, text(proc)[-3000:]
+    s = steps_of(out)
+    pairs = {p["torch"]: p["paddle"] for p in s["layers"]["details"]["map"]["pairs"]}
+    assert pairs["layer.self_attn"] == "layer.self_attn"
+    assert s["layers"]["details"]["forward"]["one_side_only"] == {
+        "paddle": ["layer.self_attn.out_proj (forward output)"]}
+    opt = s["backward"]["details"]["optimizer"]        # every parameter decays (the recipe has no no_decay):
+    assert (opt["torch"]["decayed"], opt["paddle"]["decayed"]) == (16, 20)   # in_proj_* -> q/k/v_proj
+
+    swapped = tmp_path / "kv.toml"
+    swapped.write_text((OWN / "attn_map.toml").read_text().replace('["q", "k", "v"]', '["q", "v", "k"]'))
+    proc = cli(["run", "--steps", "weights,forward,layers", "--out", str(tmp_path / "kv"), "--no-create",
+                "--mapping", str(swapped), *args])
+    assert proc.returncode == ExitCode.DIVERGED, text(proc)[-3000:]
+    s = steps_of(tmp_path / "kv")
+    assert s["weights"]["status"] == "passed"
+    first = s["layers"]["details"]["forward"]["first"]
+    assert first["torch"] == "layer.self_attn" and first["isolation"]["verdict"] == "own"

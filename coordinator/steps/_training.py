@@ -149,15 +149,8 @@ def paddle_param_names(rc: RunContext, torch_names: Any) -> set[str]:
     sd = rc.cache.get("torch_weights") or {}
     out: set[str] = set()
     for name in torch_names:
-        if rc.weight_map.ignored_source(name):
-            continue
-        part = rc.weight_map.merge_part(name)
-        if part:
-            out.add(rc.weight_map.target_name(part[1]))   # the merged torch key, then renamed
-        elif name in sd:
-            out.update(k for k, _a, _ops in rc.weight_map.convert_one(name, sd[name], views=True))
-        else:
-            out.add(rc.weight_map.target_name(name))
+        if not rc.weight_map.ignored_source(name):
+            out.update(rc.weight_map.target_names(name, np.ndim(sd[name]) if name in sd else None))
     return out
 
 
