@@ -33,6 +33,24 @@ def to_numpy(t: Any, copy: bool = True) -> Any:
     return t.numpy()
 
 
+def state_dict(model: Any) -> dict[str, Any]:
+    """``model.state_dict()`` without the second names paddle's fused RNNs (nn.LSTM/GRU/SimpleRNN)
+    give their weights: ``rnn.weight_ih_l0`` is also ``rnn.0.cell.weight_ih`` (one tensor, the
+    cell's view). torch has the first kind only; keeping both would leave the cell's names
+    unmapped. Tied weights elsewhere keep both names (torch lists both too)."""
+    sd = model.state_dict()
+    cells = {n for n, layer in model.named_sublayers(include_self=True)
+             if isinstance(layer, paddle.nn.RNNCellBase)}
+    seen: set[int] = set()
+    out: dict[str, Any] = {}
+    for name, t in sd.items():
+        if id(t) in seen and name.rpartition(".")[0] in cells:
+            continue
+        seen.add(id(t))
+        out[name] = t
+    return out
+
+
 def from_numpy(a: Any) -> Any:
     if isinstance(a, BFloat16):
         return paddle.to_tensor(a.to_float32()).astype("bfloat16")
@@ -189,16 +207,16 @@ class PaddleAdapter(*_MIXINS, Adapter):
         return self.model
 
     def op_weight_specs(self, body: dict, ctx: Any) -> dict:
-        sd = self._need_model().state_dict()
+        sd = state_dict(self._need_model())
         return {k: [list(v.shape), str(v.dtype).replace("paddle.", "")] for k, v in sd.items()}
 
     def op_get_weights(self, body: dict, ctx: Any) -> dict:
-        sd = self._need_model().state_dict()
+        sd = state_dict(self._need_model())
         keys = body.get("keys") or list(sd)
         return {k: to_numpy(sd[k]) for k in keys}
 
     def op_set_weights(self, body: dict, ctx: Any) -> dict:
-        sd = self._need_model().state_dict()
+        sd = state_dict(self._need_model())
         unknown = [k for k in body if k not in sd]
         if unknown:
             raise KeyError(f"paddle model has no parameter(s) {unknown[:5]}")

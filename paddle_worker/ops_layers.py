@@ -21,7 +21,7 @@ from typing import Any, Callable
 
 import paddle
 
-from .adapter import from_numpy, to_numpy
+from .adapter import from_numpy, state_dict, to_numpy
 from protocol.shared import NoHooks as _NoHooks
 
 WINDOW = 16   # recent outputs remembered for input references (kept alive while listed)
@@ -264,11 +264,13 @@ def _tree(model: paddle.nn.Layer) -> list[dict[str, Any]]:
     for pseudo, layer, attr, fn in function_attrs(model):
         owner = pseudo.rsplit(".", 1)[0] if "." in pseudo else ""
         funcs.setdefault(owner, []).append((pseudo, fn))
+    own = set(state_dict(model))   # an RNN cell's second names for its RNN's weights are not its own
     for name, layer in model.named_sublayers(include_self=True):
         children = [c for c, _ in layer.named_children()]
         fn_children = funcs.get(name, [])
         out.append({"name": name, "type": type(layer).__name__,
-                    "params": [p for p, _ in layer.named_parameters(include_sublayers=False)],
+                    "params": [p for p, _ in layer.named_parameters(include_sublayers=False)
+                               if (f"{name}.{p}" if name else p) in own],
                     "children": children + [p.rsplit(".", 1)[-1] for p, _ in fn_children]})
         for pseudo, fn in fn_children:
             out.append({"name": pseudo, "type": f"function:{getattr(fn, '__name__', 'fn')}", "params": [],
@@ -280,6 +282,16 @@ class LayerOps:
     def op_module_tree(self, body: dict, ctx: Any) -> dict:
         """Every named layer in definition order (plus activation-function pseudo-layers)."""
         return {"framework": "paddle", "modules": _tree(self._need_model())}
+
+    @staticmethod
+    def _rnns_for_backward(model: Any) -> None:
+        """Paddle's fused RNN op (nn.LSTM/GRU/SimpleRNN) has no backward in eval mode ("Tensor holds
+        no memory"). With dropout 0 its train mode computes the same numbers, so such layers train
+        for a backward pass; with dropout > 0 they stay in eval and the error says what to do."""
+        from paddle.nn.layer.rnn import RNNBase
+        for _name, layer in model.named_sublayers(include_self=True):
+            if isinstance(layer, RNNBase) and not float(getattr(layer, "dropout", 0.0) or 0.0):
+                layer.train()
 
     def op_capture_layers(self, body: dict, ctx: Any) -> dict:
         """See the torch twin: forward (and one backward) with hooks, every tensor a partial reply."""
@@ -299,6 +311,7 @@ class LayerOps:
             if backward:
                 if body.get("param_grads", True):
                     cap.hook_params()
+                self._rnns_for_backward(model)
                 model.clear_gradients()
                 out = models.forward(model, self.model_info, inputs)
                 labels = from_numpy(body["labels"])
@@ -351,6 +364,7 @@ class LayerOps:
                 reply["probe_input"] = to_numpy(probed["x"])
             return reply
         params = dict(fn.named_parameters()) if isinstance(fn, paddle.nn.Layer) else {}
+        self._rnns_for_backward(model)
         y = first_tensor(fn(*args, **kwargs))
         wrt = ([x] if not x.stop_gradient else []) + list(params.values())
         grads = paddle.grad([y], wrt, grad_outputs=[from_numpy(grad_out)], allow_unused=True)

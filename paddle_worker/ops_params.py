@@ -12,7 +12,7 @@ from typing import Any
 
 import paddle
 
-from .adapter import from_numpy
+from .adapter import from_numpy, state_dict
 
 
 class ParamOps:
@@ -21,7 +21,7 @@ class ParamOps:
         layers = dict(model.named_sublayers(include_self=True))
         buffers = {n for n, _ in model.named_buffers()}
         params = []
-        for name, t in model.state_dict().items():
+        for name, t in state_dict(model).items():
             path = name.rpartition(".")[0]
             owner = layers.get(path)
             params.append({"name": name, "shape": [int(d) for d in t.shape],

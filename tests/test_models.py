@@ -459,3 +459,50 @@ def test_a_transformer_port_with_packed_qkv_aligns_and_a_kv_swap_is_pinned(tmp_p
     assert s["weights"]["status"] == "passed"
     first = s["layers"]["details"]["forward"]["first"]
     assert first["torch"] == "layer.self_attn" and first["isolation"]["verdict"] == "own"
+
+
+@pytest.mark.timeout(300)
+def test_an_lstm_port_maps_automatically_and_a_time_major_bug_is_pinned(tmp_path):
+    """paddle's fused nn.LSTM also lists its weights under its cell's names (one tensor, two
+    names): automatic mapping pairs the LSTM alone, and the layers step's backward pass runs
+    (paddle's RNN op has no backward in eval mode; with dropout 0 its train mode is the same).
+    Negative control: the port built with time_major=True, pinned at the LSTM as its own error."""
+    args = ["--torch-model", "lstm_torch:build", "--torch-path", str(OWN), "--paddle-path", str(OWN)]
+    out = tmp_path / "ok"
+    proc = cli(["run", "--steps", "weights,forward,layers,backward", "--out", str(out), "--no-create",
+                "--paddle-model", "lstm_paddle:build", *args])
+    assert proc.returncode == ExitCode.ALIGNED, text(proc)[-3000:]
+    s = steps_of(out)
+    assert s["layers"]["details"]["backward"]["compared"] > 0
+    assert "rnn.weight_ih_l0" in (out / "automap.toml").read_text()
+
+    (tmp_path / "lstm_time_major.py").write_text(
+        "import lstm_paddle\nlstm_paddle.LSTM_ARGS['time_major'] = True\nbuild = lstm_paddle.build\n")
+    proc = cli(["run", "--steps", "weights,forward,layers", "--out", str(tmp_path / "bug"), "--no-create",
+                "--paddle-model", "lstm_time_major:build", "--paddle-path", str(tmp_path), *args])
+    assert proc.returncode == ExitCode.DIVERGED, text(proc)[-3000:]
+    first = steps_of(tmp_path / "bug")["layers"]["details"]["forward"]["first"]
+    assert first["torch"] == "lstm" and first["isolation"]["verdict"] == "own", first
+
+
+@pytest.mark.timeout(300)
+def test_a_failing_backward_pass_keeps_the_forward_diagnosis(tmp_path):
+    """The layers step's backward pass failing in a worker (here: the port's loss raises) does not
+    lose what the forward pass found: the buggy CNN still names bn1 and exits 1, saying backward was
+    not compared and how to skip it. Control: on the correct port the failure is the worker's
+    error (exit 7), with the same hint."""
+    for name, port in (("raise_buggy", "examples.cnn_buggy.paddle_model"), ("raise_ok", "examples.cnn.paddle_model")):
+        (tmp_path / f"{name}.py").write_text(
+            f"from {port} import build as _build\n\n"
+            "def _loss(outputs, batch):\n    raise RuntimeError('this port has no backward yet')\n\n"
+            "def build():\n    d = _build()\n    d['loss'] = _loss\n    return d\n")
+    common = ["--steps", "weights,layers", "--no-create", *CNN[:2], "--paddle-path", str(tmp_path)]
+    proc = cli(["run", "--out", str(tmp_path / "bug"), "--paddle-model", "raise_buggy:build", *common])
+    assert proc.returncode == ExitCode.DIVERGED, text(proc)[-3000:]
+    layers = steps_of(tmp_path / "bug")["layers"]
+    assert layers["details"]["forward"]["first"]["paddle"] == "bn1"
+    assert "this port has no backward yet" in layers["details"]["backward"]["error"]
+    assert "--param layers_backward=false" in layers["details"]["backward"]["hint"]
+    proc = cli(["run", "--out", str(tmp_path / "ok"), "--paddle-model", "raise_ok:build", *common])
+    assert proc.returncode == ExitCode.WORKER_ERROR, text(proc)[-3000:]
+    assert "--param layers_backward=false compares the forward pass alone" in proc.stdout

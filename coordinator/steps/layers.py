@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from ..errors import WorkerFailed
 from ..layerdiff import Row
 from ..layerrun import capture, describe_first, layer_map, replay, seeded_labels, tolerances, top
 from ..layerview import LayerView
@@ -48,10 +49,21 @@ def run(rc: RunContext) -> StepResult:
         factory = rc.model_info["torch"].get("kind") == "factory"
         rc.say("  backward: one pass, " + ("the factory's loss (or cross-entropy on its single output)"
                                            if factory else "cross-entropy on seeded labels") + ", dropout off")
-        with LayerView(rc.say) as view:
-            bwd = capture(rc, lmap, inputs, bwd_tol, backward=True, labels=labels, on_row=view.on_row,
-                          stop_at_first=stop)
-        details["backward"] = _phase(rc, lmap, bwd, inputs, bwd_tol, labels, failures)
+        try:
+            with LayerView(rc.say) as view:
+                bwd = capture(rc, lmap, inputs, bwd_tol, backward=True, labels=labels, on_row=view.on_row,
+                              stop_at_first=stop)
+        except WorkerFailed as exc:
+            hint = "--param layers_backward=false compares the forward pass alone"
+            if not failures:
+                rc.say(f"  the backward pass failed in a worker; {hint}")
+                raise
+            # the forward diagnosis is what the user needs: keep it, say why backward is missing
+            details["backward"] = {"error": str(exc).splitlines()[0], "hint": hint}
+            failures.append(f"backward: not compared, the pass failed in a worker ({hint}): "
+                            f"{str(exc).splitlines()[0]}")
+        else:
+            details["backward"] = _phase(rc, lmap, bwd, inputs, bwd_tol, labels, failures)
     else:
         details["backward"] = {"skipped": "layers_backward is off" if not rc.param("layers_backward") else
                                "stopped at the first divergence (--stop-at-first)"}
