@@ -201,6 +201,15 @@ def _tree(model: torch.nn.Module) -> list[dict[str, Any]]:
     return out
 
 
+def _rnns_for_backward(model: torch.nn.Module) -> None:
+    """cuDNN's RNN kernels have no backward in eval mode ("cudnn RNN backward can only be called in
+    training mode"); with dropout 0, train mode computes the same numbers, so nn.LSTM/GRU/RNN
+    layers train for a backward pass (the paddle worker does the same for its fused RNN op)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.RNNBase) and not module.dropout:
+            module.train()
+
+
 class LayerOps:
     def op_module_tree(self, body: dict, ctx: Any) -> dict:
         """Every named module in definition order: type, direct parameter names, children."""
@@ -232,6 +241,7 @@ class LayerOps:
                 if body.get("param_grads", True):
                     cap.hook_params()
                 model.zero_grad(set_to_none=True)
+                _rnns_for_backward(model)
                 with torch.enable_grad():
                     out = models.forward(model, self.model_info, inputs)
                     labels = from_numpy(body["labels"], self.device)
@@ -294,6 +304,7 @@ class LayerOps:
                 reply["probe_input"] = to_numpy(probed["x"])
             return reply
         params = dict(mod.named_parameters())
+        _rnns_for_backward(self._need_model())
         with torch.enable_grad():
             y = first_tensor(mod(*args, **kwargs))
             wrt = ([x] if x.requires_grad else []) + list(params.values())
