@@ -176,7 +176,8 @@ def build(torch_tree: list[dict[str, Any]], paddle_tree: list[dict[str, Any]], w
                              + "; ".join(problems))
         add(t, p, "override")
 
-    reasons: dict[str, str] = {}
+    reasons: dict[str, str] = {}     # torch module -> why it has no pair
+    p_reasons: dict[str, str] = {}   # paddle layer -> why (one dict each: the names overlap)
 
     def mapped_set(t: str) -> frozenset:
         return frozenset(y for x in tm[t]["full"] if not weight_map.ignored_source(x)
@@ -221,7 +222,7 @@ def build(torch_tree: list[dict[str, Any]], paddle_tree: list[dict[str, Any]], w
                                + (f" ({len(key)} tensors)" if key else ""))
     for key, pl in p_chains.items():
         for p in sorted(pl, key=_depth)[len(t_chains.get(key, [])):]:
-            reasons.setdefault(p, f"no torch module holds exactly its parameters ({len(key)} tensors)")
+            p_reasons.setdefault(p, f"no torch module holds exactly its parameters ({len(key)} tensors)")
     # 3. parameterless children of mapped parents, by position within each kind
     def paramless(mods: dict[str, Any], n: str) -> bool:
         return not mods[n]["full"] and kind(mods[n]["type"]) not in LISTS
@@ -265,7 +266,7 @@ def build(torch_tree: list[dict[str, Any]], paddle_tree: list[dict[str, Any]], w
             for t in tl:
                 reasons.setdefault(t, why)
             for p in pl:
-                reasons.setdefault(p, why)
+                p_reasons.setdefault(p, why)
 
     unmapped = []
     for t, m in tm.items():
@@ -276,7 +277,7 @@ def build(torch_tree: list[dict[str, Any]], paddle_tree: list[dict[str, Any]], w
     for p, m in pm.items():
         if p not in taken and kind(m["type"]) not in LISTS:
             why = "ignored by the layer map file" if p in p_ignored else \
-                reasons.get(p, "no torch counterpart found")
+                p_reasons.get(p, "no torch counterpart found")
             unmapped.append(Unmapped("paddle", p, m["type"], why))
     order = {n: i for i, n in enumerate(tm)}
     ordered = sorted(pairs.values(), key=lambda x: order[x.torch])

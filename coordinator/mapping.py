@@ -33,11 +33,12 @@ BUILTIN_DIR = Path(__file__).parent / "mappings"
 
 
 class MappingError(UsageError):
-    def __init__(self, problems: list[str], source: str):
+    def __init__(self, problems: list[str], source: str, footer: str = ""):
         self.problems = problems
         shown = "\n  ".join(problems[:40])
         more = f"\n  ... and {len(problems) - 40} more" if len(problems) > 40 else ""
-        super().__init__(f"weight mapping {source}: {len(problems)} problem(s):\n  {shown}{more}")
+        super().__init__(f"weight mapping {source}: {len(problems)} problem(s):\n  {shown}{more}"
+                         + (f"\n  {footer}" if footer else ""))
 
 
 @dataclass

@@ -115,7 +115,7 @@ def choose_weight_map(rc: Any) -> WeightMap:
     rc.cache["automap"] = {"pairs": len(found.pairs), "order": found.order, "file": str(path),
                            "notes": {p.torch.name: p.note for p in found.pairs if p.note}}
     if not found.complete:
-        raise MappingError(found.problems() + [f"(the partial mapping is in {path}: complete it and pass "
-                                               f"--mapping {path})"], "automatic")
+        raise MappingError(found.problems(), "automatic",
+                           footer=f"(the partial mapping is in {path}: complete it and pass --mapping {path})")
     rc.say(f"  automatic mapping: {len(found.pairs)} tensors paired by {found.order} order -> {path.name}")
     return found.to_weight_map(f"automatic ({path})")

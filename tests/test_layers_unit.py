@@ -402,3 +402,15 @@ def test_diff_threads_default_to_one_on_small_hosts():
     from coordinator.layerrun import diff_threads
     assert [diff_threads(0, c) for c in (1, 2, 4, 8, 16, 64)] == [1, 1, 1, 2, 4, 8]
     assert diff_threads(3, 2) == 3                      # --param layers_diff_threads=3 wins
+
+
+def test_unmapped_reasons_are_kept_per_side_for_the_same_name():
+    """A torch module and a paddle layer of the same name, both unpaired, each keep their own
+    reason (one shared dict gave the paddle layer torch's)."""
+    torch = [m("", "M", children=["blk"]), m("blk", "Block", children=["fc", "extra"]),
+             m("blk.fc", "Linear", ["weight"]), m("blk.extra", "Linear", ["weight"])]
+    paddle = [m("", "M", children=["blk"]), m("blk", "Block", children=["fc"]), m("blk.fc", "Linear", ["weight"])]
+    lm = build(torch, paddle, WeightMap.from_dict({}))
+    un = {(u.side, u.name): u.reason for u in lm.unmapped}
+    assert "no paddle layer holds exactly its parameters" in un[("torch", "blk")]
+    assert "no torch module holds exactly its parameters" in un[("paddle", "blk")]

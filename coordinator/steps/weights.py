@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 
 from ..compare import Tolerance, compare
@@ -19,9 +21,16 @@ def run(rc: RunContext) -> StepResult:
     mapped = {r.target: {"torch": r.source, "ops": r.ops} for r in rc.conversions}
     n_t = len(rc.cache["torch_weights"])
     ignored = [k for k in rc.cache["torch_weights"] if rc.weight_map.ignored_source(k)]
+    sources = {src for r in rc.conversions for src in r.source.split(" + ")}   # a merge's parts
+    ops = Counter(op.split("(")[0] for r in rc.conversions for op in r.ops)
+    merged = sum(1 for r in rc.conversions if " + " in r.source)
+    if merged:
+        ops["merge"] = merged
     details = {"mapping": rc.weight_map.origin, "torch_keys": n_t, "paddle_keys": len(converted),
                "ignored_torch_keys": ignored, "transposed": sum(1 for r in rc.conversions if r.ops),
-               "pdparams": saved, "keys": mapped}
-    rc.say(f"  {len(converted)}/{n_t - len(ignored)} torch tensors mapped "
-           f"({details['transposed']} transposed), saved {pd_path.name}")
+               "operations": dict(ops), "pdparams": saved, "keys": mapped}
+    past = {"transpose": "transposed", "reshape": "reshaped", "split": "from splits", "cast": "cast", "merge": "merged"}
+    how = ", ".join(f"{n} {past.get(op, op)}" for op, n in sorted(ops.items())) or "none transformed"
+    rc.say(f"  {len(sources)}/{n_t - len(ignored)} torch tensors mapped to {len(converted)} paddle tensors "
+           f"({how}), saved {pd_path.name}")
     return finish(rc, "weights", {k: converted[k] for k in converted}, back, diffs, tol, details)
