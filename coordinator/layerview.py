@@ -15,6 +15,11 @@ from .layerdiff import Row
 PHASE = {"forward": "fwd", "backward": "bwd"}
 
 
+def short_type(typ: str, width: int) -> str:
+    """A class name in ``width`` characters keeping its end (the kind: ``…QuantizableLinear``)."""
+    return typ if len(typ) <= width else "…" + typ[-(width - 1):]
+
+
 def row_line(row: Row, index: int | None = None) -> str:
     """One plain line: mark, phase, row, type, max abs, normalized error, and the reason when failing."""
     mark = "ok  " if row.passed else "FAIL"
@@ -24,7 +29,7 @@ def row_line(row: Row, index: int | None = None) -> str:
     typ = row.torch_type or row.paddle_type
     err = "" if row.passed else f"  {row.reason}"
     note = f"  ({row.note})" if row.note else ""
-    return (f"  {mark} {num}{PHASE.get(row.phase, row.phase)} {name:<62s} {typ[:16]:<16s} "
+    return (f"  {mark} {num}{PHASE.get(row.phase, row.phase)} {name:<62s} {short_type(typ, 16):<16s} "
             f"max {row.max_abs:9.3e}  rel {row.norm_err:8.2e}{err}{note}")
 
 
@@ -97,7 +102,7 @@ class LayerView:
             mark = Text("✓", style="green") if r.passed else Text("✗", style="bold red")
             name = (r.paddle if r.what == "param_grad" else r.torch) + \
                 {"input": " <input>", "grad": " <grad>"}.get(r.what, "")
-            t.add_row(mark, str(n), PHASE.get(r.phase, r.phase), name[-70:], (r.torch_type or r.paddle_type)[:18],
+            t.add_row(mark, str(n), PHASE.get(r.phase, r.phase), name[-70:], short_type(r.torch_type or r.paddle_type, 18),
                       f"{r.max_abs:.3e}", f"{r.norm_err:.2e}", style=None if r.passed else "red")
         head = Text(f"layers: forward {self.count.get('forward', 0)} compared, {self.failed.get('forward', 0)} over "
                     f"tolerance · backward {self.count.get('backward', 0)} compared, "

@@ -414,3 +414,12 @@ def test_unmapped_reasons_are_kept_per_side_for_the_same_name():
     un = {(u.side, u.name): u.reason for u in lm.unmapped}
     assert "no paddle layer holds exactly its parameters" in un[("torch", "blk")]
     assert "no torch module holds exactly its parameters" in un[("paddle", "blk")]
+
+
+def test_long_type_names_keep_their_kind_in_the_live_lines():
+    from coordinator.layerview import short_type
+    assert short_type("NonDynamicallyQuantizableLinear", 16) == "…antizableLinear"   # not "NonDynamicallyQu"
+    assert short_type("Linear", 16) == "Linear"
+    r = Row("forward", "output", "a", "a", "a", "NonDynamicallyQuantizableLinear", "Linear")
+    r.passed, r.max_abs, r.norm_err = True, 0.0, 0.0
+    assert "…antizableLinear" in row_line(r)
