@@ -269,8 +269,12 @@ def _tree(model: paddle.nn.Layer) -> list[dict[str, Any]]:
         children = [c for c, _ in layer.named_children()]
         fn_children = funcs.get(name, [])
         out.append({"name": name, "type": type(layer).__name__,
-                    "params": [p for p, _ in layer.named_parameters(include_sublayers=False)
-                               if (f"{name}.{p}" if name else p) in own],
+                    # BatchNorm's running statistics are parameters here but buffers in torch (whose
+                    # tree lists parameters only): counted, they would leave every container holding
+                    # a BatchNorm without its torch counterpart, and its activations uncompared
+                    "params": [p for p, t in layer.named_parameters(include_sublayers=False)
+                               if (f"{name}.{p}" if name else p) in own
+                               and not (p in ("_mean", "_variance") and t.stop_gradient)],
                     "children": children + [p.rsplit(".", 1)[-1] for p, _ in fn_children]})
         for pseudo, fn in fn_children:
             out.append({"name": pseudo, "type": f"function:{getattr(fn, '__name__', 'fn')}", "params": [],

@@ -186,7 +186,7 @@ def test_cnn_all_steps_skip_the_bert_only_ones_and_run_the_rest(tmp_path):
     assert list(steps) == ["metric", "weights", "forward", "layers", "loss", "lr", "backward"]
     assert all(s["status"] == "passed" for s in steps.values())
     layers = steps["layers"]["details"]
-    assert layers["forward"]["compared"] == 10 and layers["backward"]["compared"] > 0
+    assert layers["forward"]["compared"] == 12 and layers["backward"]["compared"] > 0   # the model itself pairs too
     assert steps["loss"]["details"]["loss"] == "the factory's loss"
     assert steps["loss"]["details"]["labels"] == "the model's labels input"
     opt = steps["backward"]["details"]["optimizer"]
@@ -506,3 +506,28 @@ def test_a_failing_backward_pass_keeps_the_forward_diagnosis(tmp_path):
     proc = cli(["run", "--out", str(tmp_path / "ok"), "--paddle-model", "raise_ok:build", *common])
     assert proc.returncode == ExitCode.WORKER_ERROR, text(proc)[-3000:]
     assert "--param layers_backward=false compares the forward pass alone" in proc.stdout
+
+
+@pytest.mark.timeout(300)
+def test_activations_next_to_a_batchnorm_are_paired_and_a_tanh_gelu_is_pinned(tmp_path):
+    """paddle keeps BatchNorm's running statistics as parameters, torch as buffers; the layer map
+    compares what each side holds without them, so the model containing a BatchNorm still pairs
+    and its activations are compared. Negative control: GELU(approximate=True) in the port (the
+    forward step alone passes it: 9e-7 < 1e-5) is pinned at that GELU as its own error."""
+    args = ["--torch-model", "conv1d_torch:build", "--torch-path", str(OWN), "--paddle-path", str(OWN),
+            "--steps", "weights,forward,layers", "--no-create"]
+    proc = cli(["run", "--out", str(tmp_path / "ok"), "--paddle-model", "conv1d_paddle:build", *args])
+    assert proc.returncode == ExitCode.ALIGNED, text(proc)[-3000:]
+    layer_map = steps_of(tmp_path / "ok")["layers"]["details"]["map"]
+    pairs = {p["torch"]: p["paddle"] for p in layer_map["pairs"]}
+    assert pairs["act2"] == "a2" and pairs[""] == "" and layer_map["unmapped"] == []
+
+    (tmp_path / "gelu_tanh.py").write_text(
+        "import conv1d_paddle\nconv1d_paddle.GELU_ARGS['approximate'] = True\nbuild = conv1d_paddle.build\n")
+    proc = cli(["run", "--out", str(tmp_path / "bug"), "--paddle-model", "gelu_tanh:build",
+                "--paddle-path", str(tmp_path), *args])
+    assert proc.returncode == ExitCode.DIVERGED, text(proc)[-3000:]
+    s = steps_of(tmp_path / "bug")
+    assert s["forward"]["status"] == "passed"
+    first = s["layers"]["details"]["forward"]["first"]
+    assert first["torch"] == "act2" and first["isolation"]["verdict"] == "own", first
