@@ -41,6 +41,7 @@ class Param:
     module: str            # owning module path ("" for the root)
     module_type: str       # class name of the owning module (Linear, Conv2D, ...)
     buffer: bool = False
+    alias_of: str = ""     # tied weights: the earlier name of this very tensor (torch)
 
     @property
     def local(self) -> str:
@@ -56,7 +57,8 @@ class Param:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Param":
         return cls(str(d["name"]), tuple(int(x) for x in d["shape"]), str(d.get("dtype", "")),
-                   str(d.get("module", "")), str(d.get("module_type", "?")), bool(d.get("buffer", False)))
+                   str(d.get("module", "")), str(d.get("module_type", "?")), bool(d.get("buffer", False)),
+                   str(d.get("alias_of") or ""))
 
 
 def type_class(name: str) -> str:
@@ -260,8 +262,8 @@ def automap(torch_params: list[Param], paddle_params: list[Param], torch_calls: 
     result = AutoMap(order="call" if torch_calls and paddle_calls else "registration")
     ign = [re.compile(x) for x in TORCH_IGNORE]
     tparams = []
-    for p in torch_params:
-        (result.ignored_torch if any(r.search(p.name) for r in ign) else tparams).append(p)
+    for p in torch_params:   # a tied weight's second name: its tensor is paired under the first
+        (result.ignored_torch if p.alias_of or any(r.search(p.name) for r in ign) else tparams).append(p)
     calls_t, calls_p = (torch_calls, paddle_calls) if result.order == "call" else (None, None)
     tmods, pmods = _modules(tparams, calls_t), _modules(paddle_params, calls_p)
     pairs = {i: (j, "") for i, j in _align(tmods, pmods)}

@@ -531,3 +531,23 @@ def test_activations_next_to_a_batchnorm_are_paired_and_a_tanh_gelu_is_pinned(tm
     assert s["forward"]["status"] == "passed"
     first = s["layers"]["details"]["forward"]["first"]
     assert first["torch"] == "act2" and first["isolation"]["verdict"] == "own", first
+
+
+@pytest.mark.timeout(300)
+def test_tied_weights_are_paired_once_and_an_untied_port_is_refused(tmp_path):
+    """torch's state dict lists a tied weight under both names (head.weight is emb.weight); the
+    automatic mapping pairs the tensor once and ignores the second name, and every step aligns.
+    Negative control: a port with its own untied output matrix is refused, naming that layer."""
+    args = ["--torch-model", "tied_torch:build", "--torch-path", str(OWN), "--paddle-path", str(OWN),
+            "--no-create"]
+    out = tmp_path / "ok"
+    proc = cli(["run", "--steps", "weights,forward,layers,backward", "--out", str(out),
+                "--paddle-model", "tied_paddle:build", *args])
+    assert proc.returncode == ExitCode.ALIGNED, text(proc)[-3000:]
+    assert 'torch = ["head\\\\.weight$"]' in (out / "automap.toml").read_text()
+
+    (tmp_path / "untied.py").write_text("import tied_paddle\ntied_paddle.UNTIE = True\nbuild = tied_paddle.build\n")
+    proc = cli(["run", "--steps", "weights", "--out", str(tmp_path / "bug"), "--paddle-model", "untied:build",
+                "--paddle-path", str(tmp_path), *args])
+    assert proc.returncode == ExitCode.USAGE, text(proc)[-3000:]
+    assert "paddle module out" in " ".join(proc.stdout.split())

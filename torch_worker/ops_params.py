@@ -20,12 +20,15 @@ class ParamOps:
         modules = dict(model.named_modules())
         buffers = {n for n, _ in model.named_buffers()}
         params = []
+        first: dict[tuple, str] = {}   # tied weights: the same tensor under a second name
         for name, t in model.state_dict().items():
             path = name.rpartition(".")[0]
             owner = modules.get(path)
+            key = (t.data_ptr(), tuple(t.shape), tuple(t.stride()), str(t.dtype)) if t.numel() else (name,)
+            alias = first.setdefault(key, name)
             params.append({"name": name, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", ""),
                            "module": path, "module_type": type(owner).__name__ if owner is not None else "?",
-                           "buffer": name in buffers})
+                           "buffer": name in buffers, "alias_of": alias if alias != name else ""})
         out: dict[str, Any] = {"params": params}
         if body.get("inputs"):
             out["call_order"] = self._param_call_order(model, {p["module"] for p in params}, body["inputs"])
