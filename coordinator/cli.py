@@ -305,6 +305,9 @@ def _run_dir(given: Path | None) -> Path:
         if given is None:
             return _fresh_run_dir(Path("runs"))
         out = given
+        if ":" in str(out.absolute()):   # the workers import lockstep from <run>/.site via PYTHONPATH
+            raise UsageError(f"--out {out}: a run directory's path cannot hold ':' (PYTHONPATH's separator: "
+                             f"the workers import lockstep's packages from inside it); choose another name")
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {out}: exists and is not a directory")
         if out.is_dir() and (out / "summary.json").exists():

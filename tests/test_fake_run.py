@@ -204,6 +204,7 @@ def test_a_step_that_raises_is_an_internal_error_not_a_divergence(tmp_path, monk
     (["--steps", "forward", "--tolerance", "foward=max:1e-5"], "no step or sub-check 'foward'"),
     (["--steps", "forward", "--out", "{file}"], "exists and is not a directory"),
     (["--steps", "forward", "--out", "{file}/sub"], "cannot create the run directory (Not a directory)"),
+    (["--steps", "forward", "--out", "{file}:x"], "a run directory's path cannot hold ':'"),
     (["--steps", "forward", "--torch-model", "minilmx"], "--torch-model 'minilmx': not a preset (minilm, bert)"),
     (["--steps", "forward", "--paddle-model", "pkg.mod:"], "a factory is module.path:function"),
     (["--steps", "forward", "--torch-model", "bert", "--paddle-model", "bert"], "needs --model-path DIR"),

@@ -551,3 +551,27 @@ def test_tied_weights_are_paired_once_and_an_untied_port_is_refused(tmp_path):
                 "--paddle-path", str(tmp_path), *args])
     assert proc.returncode == ExitCode.USAGE, text(proc)[-3000:]
     assert "paddle module out" in " ".join(proc.stdout.split())
+
+
+@pytest.mark.timeout(300)
+def test_debug_never_overwrites_a_run_and_refuses_a_file_as_out(tmp_path):
+    """`debug --out DIR` where DIR holds a run (or an earlier session) starts a fresh DIR/HHMMSS
+    inside it, as `run` does: the first report stays. A file as --out is a usage error (2), not a
+    traceback."""
+    def debug(out: Path) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKSTEP_WORKER_ARGV")}
+        env["PYTHONPATH"] = str(ROOT)
+        return subprocess.run([sys.executable, "-m", "coordinator.cli", "debug", "--out", str(out), "--no-create",
+                               "--param", "layers_backward=false", *CNN], input="quit\n", capture_output=True,
+                              text=True, timeout=240, cwd=ROOT, env=env)
+    first = debug(tmp_path / "s")
+    assert first.returncode == ExitCode.ALIGNED, text(first)[-3000:]
+    before = (tmp_path / "s" / "summary.json").read_bytes()
+    second = debug(tmp_path / "s")
+    assert second.returncode == ExitCode.ALIGNED, text(second)[-3000:]
+    assert (tmp_path / "s" / "summary.json").read_bytes() == before
+    assert len([d for d in (tmp_path / "s").iterdir() if d.is_dir() and (d / "summary.json").exists()]) == 1
+    (tmp_path / "afile").write_text("x")
+    proc = debug(tmp_path / "afile")
+    assert proc.returncode == ExitCode.USAGE and "exists and is not a directory" in proc.stdout + proc.stderr, text(proc)[-2000:]
+    assert "Traceback" not in proc.stdout + proc.stderr

@@ -41,7 +41,7 @@ from ..errors import ExitCode, LockstepError
 @click.option("--no-create", is_flag=True, help="fail instead of building missing environments")
 def command(**kw) -> None:
     """Step through the layers of both models interactively (plain prompts; scriptable via stdin)."""
-    from ..cli import _parse_tolerances, _worker_specs
+    from ..cli import _parse_tolerances, _run_dir, _worker_specs
     from ..layerdebug import debug_step
     from ..params import coerce, resolve
     from ..runner import RunOptions, run
@@ -59,7 +59,9 @@ def command(**kw) -> None:
             over[key] = coerce(key, value)
         if kw["layer_map"]:
             over["layer_map"] = str(Path(kw["layer_map"]).resolve())
-        out = (kw["out"] or Path("runs") / f"debug-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
+        # an --out that holds a run gets a fresh HHMMSS/ inside (as `run`): no report is overwritten
+        out = _run_dir(Path(kw["out"]) if kw["out"] else Path("runs") / f"debug-{time.strftime('%Y%m%d-%H%M%S')}"
+                       ).resolve()
         from ..placement import check_local_gpus
         check_local_gpus(kw["torch_device"], kw["paddle_device"])
         env_set = "auto"   # each worker's by its device
@@ -70,7 +72,6 @@ def command(**kw) -> None:
                           schedule=kw["schedule"], threads=kw["threads"], env_set=env_set,
                           torch_device=kw["torch_device"], paddle_device=kw["paddle_device"])
         opts.torch_path, opts.paddle_path = list(kw["torch_path"]), list(kw["paddle_path"])
-        out.mkdir(parents=True, exist_ok=True)
         say(f"lockstep debug -> {out}")
         specs = _worker_specs(opts, kw["no_create"], say)
         code, summary = run(opts, specs, say, header={"options": {"out": str(out), "debug": True,
