@@ -30,6 +30,7 @@ import numpy as np
 from .compare import Tolerance, block_count, compare, is_transpose, row_blocks
 from .layermap import LayerMap
 
+ROOT_NAME = "<model>"   # how the model itself (module name "") is shown
 RECENT = 16   # outputs kept per side to resolve references (a referenced output is within the worker's window of 16)
 
 
@@ -59,7 +60,10 @@ class Row:
 
     @property
     def label(self) -> str:
-        return {"input": f"{self.torch} <input>", "param_grad": self.paddle}.get(self.what, self.torch)
+        """torch's name (a parameter gradient's too: the paddle name is the row's other side); the
+        model itself, whose module name is empty, is ``<model>``."""
+        name = self.torch or ROOT_NAME
+        return f"{name} <input>" if self.what == "input" else name
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

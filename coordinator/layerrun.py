@@ -17,7 +17,7 @@ import numpy as np
 
 from .advice import advice_for
 from .compare import top_differences
-from .layerdiff import LayerTolerance, LiveDiff, Row, compare_row
+from .layerdiff import ROOT_NAME, LayerTolerance, LiveDiff, Row, compare_row
 from .layermap import LayerMap, LayerPair, build, load_override
 from .runner import RunContext
 
@@ -163,8 +163,15 @@ def replay(rc: RunContext, lmap: LayerMap, row: Row, inputs: dict[str, np.ndarra
     worst = max(decisive, key=lambda c: c.norm_err if np.isfinite(c.norm_err) else float("inf"))
     out["replay_norm_err"], out["replay_max_abs"] = worst.norm_err, worst.max_abs
     if own:
-        out["why"] = (f"run alone on torch's input, paddle's {pair.paddle} differs from torch's {pair.torch} by "
-                      f"{worst.norm_err:.2e} of max|torch| ({worst.what}): the layer itself computes differently")
+        if pair.torch:
+            out["why"] = (f"run alone on torch's input, paddle's {pair.paddle or ROOT_NAME} differs from torch's "
+                          f"{pair.torch} by {worst.norm_err:.2e} of max|torch| ({worst.what}): the layer itself "
+                          f"computes differently")
+        else:   # the innermost mapped layer around the row is the model: its own forward() code
+            out["why"] = (f"run alone on torch's input, the two models differ by {worst.norm_err:.2e} of max|torch| "
+                          f"({worst.what}) while every mapped layer inside agrees up to here: look at the code "
+                          f"in the model's own forward() around {row.label} (operations between layers: "
+                          f"reshapes, masks, scaling, functional calls)")
         adv = advice_for(*_advice_keys(lmap, row, pair))
         if adv:
             out["advice"] = adv
@@ -219,7 +226,8 @@ def top(row_tensors: tuple[np.ndarray, np.ndarray] | None, k: int = 5) -> list[d
 
 def describe_first(row: Row, iso: dict[str, Any] | None) -> str:
     """One paragraph for the terminal and the report."""
-    text = f"first divergent layer ({row.phase}): {row.label} [{row.torch_type}] <-> {row.paddle}: {row.reason}"
+    text = (f"first divergent layer ({row.phase}): {row.label} [{row.torch_type}] <-> {row.paddle or ROOT_NAME}: "
+            f"{row.reason}")
     if iso:
         verdict = {"own": "OWN ERROR", "inherited": "inherited", "ok": "agrees",
                    "unknown": "not isolated"}.get(iso["verdict"], iso["verdict"])

@@ -10,7 +10,7 @@ import sys
 from collections import deque
 from typing import Any, Callable, TextIO
 
-from .layerdiff import Row
+from .layerdiff import ROOT_NAME, Row
 
 PHASE = {"forward": "fwd", "backward": "bwd"}
 
@@ -25,7 +25,7 @@ def row_line(row: Row, index: int | None = None) -> str:
     mark = "ok  " if row.passed else "FAIL"
     num = f"{index:4d} " if index is not None else ""
     what = {"input": " <input>", "grad": " <grad>", "param_grad": ""}.get(row.what, "")
-    name = (row.paddle if row.what == "param_grad" else row.torch) + what
+    name = (row.torch or ROOT_NAME) + what
     typ = row.torch_type or row.paddle_type
     err = "" if row.passed else f"  {row.reason}"
     note = f"  ({row.note})" if row.note else ""

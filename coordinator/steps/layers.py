@@ -69,7 +69,10 @@ def run(rc: RunContext) -> StepResult:
                                "stopped at the first divergence (--stop-at-first)"}
     rows = [r for ph in ("forward", "backward") for r in details.get(ph, {}).get("rows", [])]
     _write_tsv(rc, rows)
-    finite = [r["norm_err"] for r in details["forward"]["rows"] if r.get("norm_err") is not None]
+    # the worst figure of the rows that failed, in either phase (else of every row): a backward
+    # failure is not hidden behind a clean forward pass
+    failing = [r["norm_err"] for r in rows if r.get("norm_err") is not None and not r.get("passed", True)]
+    finite = failing or [r["norm_err"] for r in rows if r.get("norm_err") is not None]
     worst = max(finite) if finite else None
     passed = not failures
     details["stop_run"] = stop and not passed
