@@ -212,10 +212,24 @@ def compare(name: str, ref: Any, got: Any, tol: Tolerance = Tolerance(), ref_sid
     passed = bool(np.isfinite(value) and value <= tol.threshold)
     worst = tuple(int(i) for i in pos)
     reason = "" if passed else (f"{tol.method} abs diff {value:.3e} > {tol.threshold:g} "
-                                f"(max {max_abs:.3e} at {list(worst)}: {ref_side} {ref_v:.6g} "
-                                f"vs {got_side} {got_v:.6g})")
+                                f"(max {max_abs:.3e} at {list(worst)}: {ref_side} {ref_v:.9g} "
+                                f"vs {got_side} {got_v:.9g})" + _rounding_hint(a, max_abs, tol))
     return TensorDiff(passed=passed, reason=reason, max_abs=max_abs, mean_abs=mean_abs, min_abs=min_abs,
                       max_rel=max_rel, value=value, worst_index=worst, **base)
+
+
+def _rounding_hint(a: np.ndarray, max_abs: float, tol: Tolerance) -> str:
+    """An absolute tolerance on large values can be below the float type's own resolution there:
+    say so when the worst difference is a few units in the last place of the tensor's largest value."""
+    if a.dtype.kind != "f" or tol.method != "max" or not np.isfinite(max_abs):
+        return ""
+    big = float(np.max(np.abs(a)))
+    ulp = float(np.spacing(a.dtype.type(big))) if big else 0.0
+    if not ulp or max_abs > 16 * ulp:
+        return ""
+    return (f"; that is {max_abs / ulp:.0f} ulp of the tensor's largest value, {big:.4g}: at this size "
+            f"{a.dtype} cannot hold {tol.threshold:g}, rounding alone exceeds it (loosen it for this "
+            f"model, e.g. --tolerance STEP=max:{float(f'{4 * max_abs:.0e}'):g})")
 
 
 def top_differences(ref: Any, got: Any, k: int = 5) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ def test_chunked_stats_match_one_pass(n: int) -> None:
     assert d.max_abs == diff.max() and d.min_abs == diff.min()
     assert d.mean_abs == pytest.approx(diff.mean(), rel=1e-12)
     assert d.max_rel == pytest.approx((diff / np.maximum(np.abs(a64), 1e-12)).max(), rel=1e-12)
-    assert f"paddle {b64[worst]:.6g}" in d.reason
+    assert f"paddle {float(b[worst]):.9g}" in d.reason
 
 
 def test_first_of_equal_maxima_is_reported() -> None:
@@ -78,3 +78,20 @@ def test_row_blocks_cover_transposed_views_on_either_side_in_c_order(shape) -> N
             pos += ba.size
         assert pos == view.size
         assert np.array_equal(np.concatenate(got_a), fa) and np.array_equal(np.concatenate(got_b), fb)
+
+
+def test_a_failure_within_rounding_of_large_values_says_so():
+    """An absolute tolerance below float32's resolution at the tensor's size (2 ulp of 1046.6 is
+    2.4e-4 > 1e-5): the failure stays a failure, with 9 significant digits that show the two
+    values differ, and a hint to loosen it; control: a real difference gets no such hint."""
+    from coordinator.compare import Tolerance, compare
+    a = np.array([1046.61, 2.0], np.float32)
+    b = a.copy()
+    b[0] = np.nextafter(np.nextafter(a[0], np.float32(2e3)), np.float32(2e3))
+    d = compare("energy", a, b, Tolerance(1e-5, "max"))
+    assert not d.passed and "torch 1046.60999 vs paddle 1046.61023" in d.reason
+    assert "2 ulp of the tensor's largest value" in d.reason and "--tolerance STEP=max:0.001" in d.reason
+    c = a.copy()
+    c[0] += np.float32(0.5)
+    real = compare("energy", a, c, Tolerance(1e-5, "max"))
+    assert not real.passed and "ulp" not in real.reason
