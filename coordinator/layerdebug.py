@@ -93,9 +93,13 @@ class Debugger:
         return bad[0]
 
     def find(self, name: str) -> int | None:
+        """A layer's row: its output (or gradient) row for a plain name, its input row for
+        ``NAME:input`` (the row key), else the first row whose names contain ``name``."""
         exact = [i for i, r in enumerate(self.rows) if name in (r.torch, r.paddle, r.key, r.label)]
         if exact:
-            return exact[0]
+            outputs = [i for i in exact if self.rows[i].what != "input" or name in (self.rows[i].key,
+                                                                                   self.rows[i].label)]
+            return (outputs or exact)[0]
         sub = [i for i, r in enumerate(self.rows) if name in r.torch or name in r.paddle]
         return sub[0] if sub else None
 
@@ -290,7 +294,9 @@ class _Stop:
         self.at = at
 
     def hit(self, row: Row) -> bool:
-        if self.at:
+        if self.at:   # a plain name stops at the layer's output row; NAME:input at its input row
+            if row.what == "input":
+                return self.at in (row.key, row.label)
             return self.at in (row.torch, row.paddle, row.key) or (self.at in row.torch and row.what == "output")
         return not row.passed
 

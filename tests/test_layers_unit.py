@@ -423,3 +423,16 @@ def test_long_type_names_keep_their_kind_in_the_live_lines():
     r = Row("forward", "output", "a", "a", "a", "NonDynamicallyQuantizableLinear", "Linear")
     r.passed, r.max_abs, r.norm_err = True, 0.0, 0.0
     assert "…antizableLinear" in row_line(r)
+
+
+def test_debugger_names_reach_the_output_row_and_name_input_the_input_row():
+    """`goto NAME` / `--at NAME` land on the layer's output row, not the input row listed first;
+    `NAME:input` reaches the input row (control)."""
+    from coordinator.layerdebug import Debugger, _Stop
+    dbg = Debugger(rc=None, stdout=io.StringIO())
+    dbg.rows = [Row("forward", "input", "ln:input", "ln", "norm", "LayerNorm"),
+                Row("forward", "output", "ln", "ln", "norm", "LayerNorm")]
+    assert dbg.find("ln") == 1 and dbg.find("norm") == 1 and dbg.find("ln:input") == 0
+    stop = _Stop("ln")
+    assert not stop.hit(dbg.rows[0]) and stop.hit(dbg.rows[1])
+    assert _Stop("ln:input").hit(dbg.rows[0])
