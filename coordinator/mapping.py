@@ -364,7 +364,20 @@ class WeightMap:
         problems: list[str] = []
         result: dict[str, np.ndarray] = {}
         records: list[Conversion] = []
+        known = set(source)
         source, origins = self._merged({k: v for k, v in source.items() if not self.ignored_source(k)}, problems)
+        known |= set(source)          # merged (virtual) torch keys too
+        # exact names that match no torch key are typos: name them (a regex may match nothing on purpose)
+        for k in self.exact:
+            if k not in known:
+                hint = _closest(k, known)
+                problems.append(f"[keys] entry {k!r} matches no torch key" + (f" (closest: {hint!r})" if hint else ""))
+        for t in self.transforms:
+            for k in t.keys or ():
+                if k not in known:
+                    hint = _closest(k, known)
+                    problems.append(f"transform #{t.index} ({t.op}) lists {k!r}, which matches no torch key"
+                                    + (f" (closest: {hint!r})" if hint else ""))
         reported: set[str] = set()   # paddle keys already named in a problem
         for key, arr in source.items():
             try:

@@ -176,3 +176,21 @@ def test_target_names_follow_renames_splits_and_merges_without_tensors():
     merged = WeightMap.from_dict(MERGE)
     assert merged.target_names("attn.k.weight") == merged.target_names("attn.q.weight") == \
         [merged.target_name(merged.merge_part("attn.q.weight")[1])]
+
+
+def test_exact_names_that_match_no_torch_key_are_named_with_the_closest(tmp_path):
+    """A misspelled [keys] entry or transform `keys` name is a problem of its own, with the closest
+    torch key (it used to show only as its consequences); control: the corrected file converts."""
+    sd = {"features.1.running_mean": np.zeros(3, np.float32), "classifier.0.weight": np.zeros((2, 3), np.float32)}
+    specs = {"bn1._mean": ([3], "float32"), "classifier.0.weight": ([3, 2], "float32")}
+    bad = WeightMap.from_dict({"keys": {"features.1.running_mea": "bn1._mean"},
+                               "transform": [{"keys": ["classifier.9.weight"], "op": "transpose"}]})
+    with pytest.raises(MappingError) as exc:
+        bad.convert(sd, specs)
+    text = str(exc.value)
+    assert "[keys] entry 'features.1.running_mea' matches no torch key (closest: 'features.1.running_mean')" in text
+    assert "transform #1 (transpose) lists 'classifier.9.weight', which matches no torch key" in text
+    good = WeightMap.from_dict({"keys": {"features.1.running_mean": "bn1._mean"},
+                                "transform": [{"keys": ["classifier.0.weight"], "op": "transpose"}]})
+    out, _ = good.convert(sd, specs)
+    assert set(out) == set(specs)
