@@ -575,3 +575,12 @@ def test_debug_never_overwrites_a_run_and_refuses_a_file_as_out(tmp_path):
     proc = debug(tmp_path / "afile")
     assert proc.returncode == ExitCode.USAGE and "exists and is not a directory" in proc.stdout + proc.stderr, text(proc)[-2000:]
     assert "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(180)
+def test_an_inject_the_worker_does_not_apply_is_a_usage_error(tmp_path):
+    """--paddle-inject names are known to the worker modules that apply them; one it refuses is
+    the command line's fault: exit 2 naming the flag, not a worker error (7)."""
+    proc = run(tmp_path / "r", *CNN, "--paddle-inject", "bogus_thing")
+    assert proc.returncode == ExitCode.USAGE, text(proc)[-3000:]
+    assert "--paddle-inject: inject ['bogus_thing'] applies to the BERT presets only" in " ".join(proc.stdout.split())

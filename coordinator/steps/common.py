@@ -29,11 +29,24 @@ def ensure_loaded(rc: RunContext) -> None:
     if rc.model_info:
         return
     rc.say("  loading models ...")
-    tinfo = rc.session.request("torch", "load_model", model_body(rc, "torch"))
+    tinfo = _load(rc, "torch", model_body(rc, "torch"))
     pbody = model_body(rc, "paddle")
     pbody["config"] = tinfo.get("config")
-    pinfo = rc.session.request("paddle", "load_model", pbody)
+    pinfo = _load(rc, "paddle", pbody)
     rc.model_info = {"torch": tinfo, "paddle": pinfo}
+
+
+def _load(rc: RunContext, side: str, body: dict[str, Any]) -> dict[str, Any]:
+    """load_model; an inject name the worker does not know is the command line's fault (exit 2):
+    each worker module registers the injects it applies, so only the worker can tell."""
+    from ..errors import WorkerFailed
+    try:
+        return rc.session.request(side, "load_model", body)
+    except WorkerFailed as exc:
+        msg = str(getattr(exc.remote, "message", ""))
+        if exc.remote.etype == "ValueError" and ("unknown inject" in msg or "applies to the BERT presets" in msg):
+            raise UsageError(f"--{side}-inject: {msg}") from None
+        raise
 
 
 def ensure_converted(rc: RunContext) -> dict[str, np.ndarray]:
