@@ -33,6 +33,9 @@ HELP = """commands:
   help           this text              quit | q   leave (the run directory keeps the report)"""
 
 
+TOP_MAX = 1000   # positions `top` prints at most (an embedding gradient has millions)
+
+
 class Debugger:
     def __init__(self, rc: RunContext, at: str | None = None, backward: bool = False,
                  stdin: TextIO | None = None, stdout: TextIO | None = None):
@@ -204,7 +207,7 @@ class Debugger:
         for side, a in (("torch", pair[0]), ("paddle", pair[1])):
             self.say(f"  {side:6s} {_stats(as_array(a))}")
         self.say(f"  diff   max {r.max_abs:.4e}  mean {r.mean_abs:.4e}  max|diff|/max|torch| {r.norm_err:.3e}  "
-                 f"rms rel {r.rms_rel:.3e}  worst at {r.worst_index}  ({r.tolerance}: "
+                 f"rms rel {r.rms_rel:.3e}  worst at {r.worst_index if r.worst_index is not None else '-'}  ({r.tolerance}: "
                  f"{'pass' if r.passed else 'FAIL'})")
         return False
 
@@ -213,6 +216,9 @@ class Debugger:
         if k is None:
             self.say("usage: top [k]  (k a whole number >= 1, default 5)")
             return False
+        if k > TOP_MAX:
+            self.say(f"(showing the first {TOP_MAX}: top prints at most {TOP_MAX} positions)")
+            k = TOP_MAX
         r = self.rows[self.pos]
         rows = top(self.tensors(r), k)
         if not rows:
