@@ -63,10 +63,11 @@ def coerce(key: str, value: str) -> Any:
             if word in ("0", "false", "no", "off"):
                 return False
             raise UsageError(f"parameter {key}={value!r}: expected true or false (also 1/0, yes/no, on/off)")
-        if isinstance(default, int):
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
+        if isinstance(default, (int, float)):
+            number = int(value) if isinstance(default, int) else float(value)
+            if not number >= 0 or number == float("inf"):   # every numeric parameter is a size, count or rate
+                raise UsageError(f"parameter {key}={value!r}: expected a finite number >= 0")
+            return number
     except ValueError:
         raise UsageError(f"parameter {key}={value!r}: expected a {type(default).__name__}") from None
     return value

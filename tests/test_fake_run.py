@@ -210,6 +210,7 @@ def test_a_step_that_raises_is_an_internal_error_not_a_divergence(tmp_path, monk
     (["--steps", "forward", "--torch-model", "bert", "--paddle-model", "bert"], "needs --model-path DIR"),
     (["--steps", "forward", "--mapping", "{typo}"], "unknown table or key 'renames'; did you mean 'rename'?"),
     (["--steps", "forward", "--param", "layers_backward=ture"], "layers_backward='ture': expected true or false"),
+    (["--steps", "forward", "--param", "layers_hold_mib=-5"], "layers_hold_mib='-5': expected a finite number >= 0"),
     (["--steps", "forward", "--param", "dev_data={file}"], "afile:1: header has no"),
 ])
 def test_bad_command_lines_are_refused_before_anything_starts(tmp_path, args, message):
