@@ -237,7 +237,7 @@ class Debugger:
             self.say(f"  replay {c['key']}: max {_fmt(c['max_abs'])}  max|diff|/max|torch| {_fmt(c['norm_err'])}  "
                      f"{'pass' if c['passed'] else 'FAIL ' + c['reason']}")
         self.say(describe_first(r, iso).split("\n", 1)[-1])
-        self.log[-1]["replay"] = {k: iso.get(k) for k in ("verdict", "layer", "replay_norm_err")}
+        self.log[-1]["replay"] = {k: iso.get(k) for k in ("verdict", "layer", "replay_norm_err", "why")}
         return False
 
     def _move(self, to: int) -> None:
@@ -350,6 +350,18 @@ def debug_step(at: str | None, backward: bool, stdin: TextIO | None = None,
             details = {"rows": len(dbg.rows), "failed": len(bad), "at": at, "backward": backward,
                        "first": first.to_json() if first else None, "session": dbg.log,
                        "interrupted": dbg.interrupted}   # the runner then ends the run as interrupted
+            # what report.html draws for a layers step: per phase the rows, the first divergence
+            # (with the verdict of a replay the session ran on it) and the layer map
+            replays = {e.get("row"): e["replay"] for e in dbg.log if e.get("replay")}
+            details["tolerance"] = {"forward": dbg.fwd_tol.describe(), "backward": dbg.bwd_tol.describe()}
+            details["map"] = dbg.lmap.to_json()
+            for phase in ("forward", "backward") if backward else ("forward",):
+                rows = [r for r in dbg.rows if r.phase == phase]
+                failed = [r for r in rows if not r.passed]
+                ph: dict[str, Any] = {"rows": [r.to_json() for r in rows], "failed": len(failed)}
+                if failed:
+                    ph["first"] = dict(failed[0].to_json(), isolation=replays.get(failed[0].key) or {})
+                details[phase] = ph
             msg = (f"first divergent layer: {first.label} ({first.phase}): {first.reason}" if first
                    else f"{len(dbg.rows)} layer tensors within tolerance")
             return StepResult("debug", not bad, max((r.norm_err for r in dbg.rows), default=None),

@@ -584,3 +584,23 @@ def test_an_inject_the_worker_does_not_apply_is_a_usage_error(tmp_path):
     proc = run(tmp_path / "r", *CNN, "--paddle-inject", "bogus_thing")
     assert proc.returncode == ExitCode.USAGE, text(proc)[-3000:]
     assert "--paddle-inject: inject ['bogus_thing'] applies to the BERT presets only" in " ".join(proc.stdout.split())
+
+
+@pytest.mark.timeout(240)
+def test_the_debug_sessions_report_has_the_rows_the_first_divergence_and_the_commands(tmp_path):
+    """report.html of `coordinator debug`: the per-layer rows and curve, the first divergence with
+    the verdict of the replay the session ran on it, and the session's commands (it used to hold
+    the step table only)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKSTEP_WORKER_ARGV")}
+    env["PYTHONPATH"] = str(ROOT)
+    out = tmp_path / "d"
+    proc = subprocess.run([sys.executable, "-m", "coordinator.cli", "debug", "--out", str(out), "--no-create",
+                           "--param", "layers_backward=false", "--torch-model", "examples.cnn.torch_model:build",
+                           "--paddle-model", "examples.cnn_buggy.paddle_model:build"],
+                          input="replay\nquit\n", capture_output=True, text=True, timeout=200, cwd=ROOT, env=env)
+    assert proc.returncode == ExitCode.DIVERGED, text(proc)[-3000:]
+    dbg = steps_of(out)["debug"]["details"]
+    assert dbg["forward"]["failed"] > 0 and dbg["forward"]["first"]["isolation"]["verdict"] == "own"
+    html = (out / "report.html").read_text()
+    assert "forward: first divergent layer" in html and "<svg" in html
+    assert "session: 2 command(s)" in html and "<code>replay</code>" in html and "own" in html
