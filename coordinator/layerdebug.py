@@ -104,6 +104,11 @@ class Debugger:
                                                                                    self.rows[i].label)]
             return (outputs or exact)[0]
         sub = [i for i, r in enumerate(self.rows) if name in r.torch or name in r.paddle]
+        layers = list(dict.fromkeys(self.rows[i].torch or "<model>" for i in sub))
+        if len(layers) > 1:
+            more = f" and {len(layers) - 3} more" if len(layers) > 3 else ""
+            self.say(f"{name!r} is part of {len(layers)} layers' names ({', '.join(layers[:3])}{more}): "
+                     f"taking the first; give more of the name to choose")
         return sub[0] if sub else None
 
     def tensors(self, row: Row) -> tuple[np.ndarray, np.ndarray] | None:

@@ -436,3 +436,14 @@ def test_debugger_names_reach_the_output_row_and_name_input_the_input_row():
     stop = _Stop("ln")
     assert not stop.hit(dbg.rows[0]) and stop.hit(dbg.rows[1])
     assert _Stop("ln:input").hit(dbg.rows[0])
+
+
+def test_an_ambiguous_name_part_says_which_layers_it_matches():
+    from coordinator.layerdebug import Debugger
+    out = io.StringIO()
+    dbg = Debugger(rc=None, stdout=out)
+    dbg.rows = [Row("forward", "output", "enc.0.fc", "enc.0.fc", "enc.0.fc", "Linear"),
+                Row("forward", "output", "enc.1.fc", "enc.1.fc", "enc.1.fc", "Linear")]
+    assert dbg.find("fc") == 0 and "'fc' is part of 2 layers' names (enc.0.fc, enc.1.fc)" in out.getvalue()
+    out.truncate(0)
+    assert dbg.find("1.fc") == 1 and out.getvalue() == ""     # unique: no note
