@@ -250,6 +250,9 @@ def run(**kw) -> None:
         if kw["mapping"]:
             from .mapping import WeightMap
             WeightMap.load(kw["mapping"])  # likewise a missing, malformed or misspelled mapping file
+        if params.get("layer_map"):
+            from .layermap import load_override
+            load_override(params["layer_map"])   # and the layers step's override file
         _check_devices(kw["torch_device"], kw["paddle_device"], kw["allow_shared_gpu"])
         if not kw["listen"]:
             from .placement import check_local_gpus

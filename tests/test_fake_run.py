@@ -211,6 +211,7 @@ def test_a_step_that_raises_is_an_internal_error_not_a_divergence(tmp_path, monk
     (["--steps", "forward", "--mapping", "{typo}"], "unknown table or key 'renames'; did you mean 'rename'?"),
     (["--steps", "forward", "--param", "layers_backward=ture"], "layers_backward='ture': expected true or false"),
     (["--steps", "forward", "--param", "layers_hold_mib=-5"], "layers_hold_mib='-5': expected a finite number >= 0"),
+    (["--steps", "forward", "--param", "layer_map={file}.missing"], "afile.missing: no such file"),
     (["--steps", "forward", "--param", "dev_data={file}"], "afile:1: header has no"),
 ])
 def test_bad_command_lines_are_refused_before_anything_starts(tmp_path, args, message):
@@ -229,3 +230,17 @@ def test_bad_command_lines_are_refused_before_anything_starts(tmp_path, args, me
                            "--param", "nosuchparam=1", "--out", str(tmp_path / "ctl")], env=fake_env())
     assert control.returncode == ExitCode.USAGE and "nosuchparam" in control.stdout   # failed later, on --param
     assert "no step or sub-check" not in control.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--mapping", "{missing}"], "no such file"),
+    (["--layer-map", "{missing}"], "no such file"),
+])
+def test_debug_refuses_missing_files_before_starting_workers(tmp_path, args, message):
+    """`coordinator debug` checks its mapping and layer-map files as `run` does: exit 2 naming the
+    file, no worker started, no run directory made."""
+    args = [a.replace("{missing}", str(tmp_path / "nope.toml")) for a in args]
+    proc = coordinator(["debug", "--out", str(tmp_path / "d"), *args], env=fake_env())
+    assert proc.returncode == ExitCode.USAGE, proc.stdout + proc.stderr
+    assert message in proc.stdout + proc.stderr and str(tmp_path / "nope.toml") in proc.stdout + proc.stderr
+    assert "waiting for workers" not in proc.stdout and not (tmp_path / "d").exists()

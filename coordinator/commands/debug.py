@@ -59,6 +59,13 @@ def command(**kw) -> None:
             over[key] = coerce(key, value)
         if kw["layer_map"]:
             over["layer_map"] = str(Path(kw["layer_map"]).resolve())
+        # files are checked before any worker starts, as `run` does (exit 2 naming the file)
+        if kw["mapping"]:
+            from ..mapping import WeightMap
+            WeightMap.load(kw["mapping"])
+        if over.get("layer_map"):
+            from ..layermap import load_override
+            load_override(over["layer_map"])
         # an --out that holds a run gets a fresh HHMMSS/ inside (as `run`): no report is overwritten
         out = _run_dir(Path(kw["out"]) if kw["out"] else Path("runs") / f"debug-{time.strftime('%Y%m%d-%H%M%S')}"
                        ).resolve()
