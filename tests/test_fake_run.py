@@ -244,3 +244,11 @@ def test_debug_refuses_missing_files_before_starting_workers(tmp_path, args, mes
     assert proc.returncode == ExitCode.USAGE, proc.stdout + proc.stderr
     assert message in proc.stdout + proc.stderr and str(tmp_path / "nope.toml") in proc.stdout + proc.stderr
     assert "waiting for workers" not in proc.stdout and not (tmp_path / "d").exists()
+
+
+def test_map_check_refuses_a_missing_file_before_starting_workers(tmp_path):
+    proc = coordinator(["map", "--check", str(tmp_path / "nope.toml"), "--torch-model", "examples.cnn.torch_model:build",
+                        "--paddle-model", "examples.cnn.paddle_model:build"], env=fake_env())
+    assert proc.returncode == ExitCode.USAGE, proc.stdout + proc.stderr
+    said = proc.stdout + proc.stderr
+    assert "nope.toml" in said and "starting workers" not in said and "worker logs kept" not in said

@@ -56,6 +56,9 @@ def command(**kw) -> None:
 
 
 def _map(kw: dict, say) -> int:
+    if kw["check"]:   # a missing, malformed or misspelled file: exit 2 before any worker starts
+        from ..mapping import WeightMap
+        WeightMap.load(kw["check"])
     if kw["out"] is None:   # a temporary directory for the worker logs: kept only when something failed
         out = Path(tempfile.mkdtemp(prefix="lockstep-map-")).resolve()
         code = ExitCode.WORKER_ERROR
