@@ -15,7 +15,7 @@ from typing import Any, Callable, TextIO
 import numpy as np
 
 from .compare import as_array
-from .layerdiff import Row
+from .layerdiff import ROOT_NAME, Row
 from .layerrun import capture, describe_first, layer_map, replay, seeded_labels, tolerances, top
 from .layerview import LayerView, row_line
 from .errors import UsageError
@@ -104,7 +104,7 @@ class Debugger:
                                                                                    self.rows[i].label)]
             return (outputs or exact)[0]
         sub = [i for i, r in enumerate(self.rows) if name in r.torch or name in r.paddle]
-        layers = list(dict.fromkeys(self.rows[i].torch or "<model>" for i in sub))
+        layers = list(dict.fromkeys(self.rows[i].torch or ROOT_NAME for i in sub))
         if len(layers) > 1:
             more = f" and {len(layers) - 3} more" if len(layers) > 3 else ""
             self.say(f"{name!r} is part of {len(layers)} layers' names ({', '.join(layers[:3])}{more}): "

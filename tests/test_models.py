@@ -26,14 +26,16 @@ ROOT = Path(__file__).resolve().parent.parent
 CNN = ["--torch-model", "examples.cnn.torch_model:build", "--paddle-model", "examples.cnn.paddle_model:build"]
 
 
-def cli(args: list[str], cwd: Path = ROOT, timeout: float = 180, **env_extra: str) -> subprocess.CompletedProcess:
-    """The real CLI against the real environments (workers are real processes, cleaned up by the CLI)."""
+def cli(args: list[str], cwd: Path = ROOT, timeout: float = 180, input: str | None = None,
+        **env_extra: str) -> subprocess.CompletedProcess:
+    """The real CLI against the real environments (workers are real processes, cleaned up by the CLI);
+    ``input`` goes to its stdin (the debugger's prompt)."""
     env_python("torch"), env_python("paddle")
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKSTEP_WORKER_ARGV")}
     env["PYTHONPATH"] = str(ROOT)
     env.update(env_extra)
     return subprocess.run([sys.executable, "-m", "coordinator.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=str(cwd), env=env)
+                          timeout=timeout, cwd=str(cwd), env=env, input=input)
 
 
 def run(out: Path, *args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -559,11 +561,8 @@ def test_debug_never_overwrites_a_run_and_refuses_a_file_as_out(tmp_path):
     inside it, as `run` does: the first report stays. A file as --out is a usage error (2), not a
     traceback."""
     def debug(out: Path) -> subprocess.CompletedProcess:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKSTEP_WORKER_ARGV")}
-        env["PYTHONPATH"] = str(ROOT)
-        return subprocess.run([sys.executable, "-m", "coordinator.cli", "debug", "--out", str(out), "--no-create",
-                               "--param", "layers_backward=false", *CNN], input="quit\n", capture_output=True,
-                              text=True, timeout=240, cwd=ROOT, env=env)
+        return cli(["debug", "--out", str(out), "--no-create", "--param", "layers_backward=false", *CNN],
+                   timeout=240, input="quit\n")
     first = debug(tmp_path / "s")
     assert first.returncode == ExitCode.ALIGNED, text(first)[-3000:]
     before = (tmp_path / "s" / "summary.json").read_bytes()
@@ -591,13 +590,10 @@ def test_the_debug_sessions_report_has_the_rows_the_first_divergence_and_the_com
     """report.html of `coordinator debug`: the per-layer rows and curve, the first divergence with
     the verdict of the replay the session ran on it, and the session's commands (it used to hold
     the step table only)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKSTEP_WORKER_ARGV")}
-    env["PYTHONPATH"] = str(ROOT)
     out = tmp_path / "d"
-    proc = subprocess.run([sys.executable, "-m", "coordinator.cli", "debug", "--out", str(out), "--no-create",
-                           "--param", "layers_backward=false", "--torch-model", "examples.cnn.torch_model:build",
-                           "--paddle-model", "examples.cnn_buggy.paddle_model:build"],
-                          input="replay\nquit\n", capture_output=True, text=True, timeout=200, cwd=ROOT, env=env)
+    proc = cli(["debug", "--out", str(out), "--no-create", "--param", "layers_backward=false",
+                "--torch-model", "examples.cnn.torch_model:build",
+                "--paddle-model", "examples.cnn_buggy.paddle_model:build"], timeout=200, input="replay\nquit\n")
     assert proc.returncode == ExitCode.DIVERGED, text(proc)[-3000:]
     dbg = steps_of(out)["debug"]["details"]
     assert dbg["forward"]["failed"] > 0 and dbg["forward"]["first"]["isolation"]["verdict"] == "own"
