@@ -199,8 +199,8 @@ def _device_env(name: str, device: str) -> dict[str, str]:
               help="backward/train: dropout off (default) or on with masks shared by both sides")
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE", help="any step parameter (see docs)")
 @click.option("--tolerance", "tolerances", multiple=True, metavar="STEP=METHOD:THRESHOLD",
-              help="per-step tolerance (METHOD max, mean or min of |diff|), e.g. forward=max:1e-5, "
-                   "loss=mean:1e-6, backward.param=max:1e-4")
+              help="per-step tolerance (METHOD max, mean or min of |diff|, or rel: max|diff| / max|torch|), "
+                   "e.g. forward=max:1e-5, loss=mean:1e-6, backward.grad=rel:1e-4, layers=rel:5e-6")
 @click.option("--stop-at-first", is_flag=True, help="layers: end at the first divergent layer")
 @click.option("--forward-threshold", type=float, default=None, help="forward tolerance (default 1e-5)")
 @click.option("--diff-method", type=click.Choice(["max", "mean"]), default=None,
@@ -343,8 +343,12 @@ def _parse_tolerances(items) -> dict:
     for item in items:
         step, _, rest = item.partition("=")
         method, _, thr = rest.partition(":")
-        if not step or method not in ("max", "mean", "min"):
-            raise UsageError(f"--tolerance {item!r}: use STEP=max:1e-5 (method max, mean or min)")
+        if not step or method not in ("max", "mean", "min", "rel"):
+            raise UsageError(f"--tolerance {item!r}: use STEP=max:1e-5 (method max, mean or min: of |torch - "
+                             f"paddle|; rel: max|torch - paddle| / max|torch|)")
+        if step.split(".")[0] == "layers" and method not in ("rel", "max"):
+            raise UsageError(f"--tolerance {item!r}: the layers step judges every tensor relative to its own "
+                             f"size (max|diff| / max|torch|): use {step}=rel:T")
         try:
             out[step] = Tolerance(float(thr), method)
         except ValueError:

@@ -2,7 +2,9 @@
 
 ``compare(name, ref, got, tol)`` returns a ``TensorDiff`` with max/mean/min absolute
 and max relative error, and a verdict on the statistic named by ``tol.method``
-(reprod_log's ``mean`` by default, ``max`` for the stricter checks).
+(reprod_log's ``mean`` by default, ``max`` for the stricter checks, ``rel`` for the worst
+difference relative to the reference tensor's largest magnitude: one threshold for tensors
+of any size or precision).
 """
 
 from __future__ import annotations
@@ -18,10 +20,15 @@ from protocol.codec import BFloat16
 @dataclass(frozen=True)
 class Tolerance:
     threshold: float = 1e-6
-    method: str = "mean"   # mean | max | min, as in reprod_log's report
+    method: str = "mean"   # mean | max | min, as in reprod_log's report; or rel (see compare())
 
     def describe(self) -> str:
+        if self.method == "rel":
+            return f"max|diff|/max|ref| <= {self.threshold:g}"
         return f"{self.method} <= {self.threshold:g}"
+
+
+METHODS = ("max", "mean", "min", "rel")
 
 
 @dataclass
@@ -35,9 +42,11 @@ class TensorDiff:
     mean_abs: float = float("nan")
     min_abs: float = float("nan")
     max_rel: float = float("nan")
+    ref_scale: float = float("nan")       # max |ref|: what method rel divides by
     value: float = float("nan")           # the statistic the verdict was taken on
     worst_index: tuple | None = None      # position of the largest absolute difference
     tolerance: str = ""
+    method: str = ""                      # the statistic the verdict was taken on (Tolerance.method)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
@@ -45,7 +54,11 @@ class TensorDiff:
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
-        for k in ("max_abs", "mean_abs", "min_abs", "max_rel", "value"):
+        if not np.isfinite(self.ref_scale):
+            del d["ref_scale"]   # only measured when the tensors differ
+        for k in ("max_abs", "mean_abs", "min_abs", "max_rel", "ref_scale", "value"):
+            if k not in d:
+                continue
             v = d[k]
             d[k] = None if v is None or not np.isfinite(v) else float(v)
             if v is not None and not np.isfinite(v):
@@ -154,9 +167,9 @@ def _identical(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(np.array_equal(fa[:STATS_CHUNK], fb[:STATS_CHUNK]) and np.array_equal(fa, fb))
 
 
-def _diff_stats(a: np.ndarray, b: np.ndarray) -> tuple[int, float, float, float, float] | None:
-    """(flat index of the max, max, mean, min |a-b|, max relative) of two same-shape arrays, in
-    float64; None when they are bit-identical.
+def _diff_stats(a: np.ndarray, b: np.ndarray) -> tuple[int, float, float, float, float, float] | None:
+    """(flat index of the max, max, mean, min |a-b|, max relative, max |a|) of two same-shape
+    arrays, in float64; None when they are bit-identical.
 
     Blockwise, so that a large gradient never allocates full-size float64 temporaries (page faults
     and memory traffic dominated the backward step's comparisons, bench/RESULTS.md) and a strided
@@ -164,7 +177,7 @@ def _diff_stats(a: np.ndarray, b: np.ndarray) -> tuple[int, float, float, float,
     """
     if _identical(a, b):
         return None
-    worst, max_abs, total, min_abs, max_rel = 0, -1.0, 0.0, float("inf"), 0.0
+    worst, max_abs, total, min_abs, max_rel, scale = 0, -1.0, 0.0, float("inf"), 0.0, 0.0
     for start, ab, bb in row_blocks(a, b, STATS_CHUNK):
         a64 = np.asarray(ab, dtype=np.float64).reshape(-1)
         diff = np.abs(a64 - np.asarray(bb, dtype=np.float64).reshape(-1))
@@ -173,17 +186,19 @@ def _diff_stats(a: np.ndarray, b: np.ndarray) -> tuple[int, float, float, float,
             worst, max_abs = start + i, float(diff[i])
         total += float(diff.sum())
         min_abs = min(min_abs, float(diff.min()))
+        mag = np.abs(a64)
+        scale = max(scale, float(mag.max()))
         with np.errstate(divide="ignore", invalid="ignore"):
-            max_rel = max(max_rel, float((diff / np.maximum(np.abs(a64), 1e-12)).max()))
+            max_rel = max(max_rel, float((diff / np.maximum(mag, 1e-12)).max()))
     if max_abs == 0.0:
         return None  # equal values (a strided pair, or +0 vs -0)
-    return worst, max_abs, total / a.size, min_abs, max_rel
+    return worst, max_abs, total / a.size, min_abs, max_rel, scale
 
 
 def compare(name: str, ref: Any, got: Any, tol: Tolerance = Tolerance(), ref_side: str = "torch",
             got_side: str = "paddle") -> TensorDiff:
     a, b = as_array(ref), as_array(got)
-    base = dict(name=name, shape=tuple(a.shape), dtype=str(a.dtype), tolerance=tol.describe())
+    base = dict(name=name, shape=tuple(a.shape), dtype=str(a.dtype), tolerance=tol.describe(), method=tol.method)
     if a.shape != b.shape:
         return TensorDiff(passed=False, reason=f"shape mismatch: {ref_side} {tuple(a.shape)} vs "
                           f"{got_side} {tuple(b.shape)}", **base)
@@ -205,17 +220,24 @@ def compare(name: str, ref: Any, got: Any, tol: Tolerance = Tolerance(), ref_sid
     stats = _diff_stats(a, b)
     if stats is None:  # bit-identical: every block took the fast path
         return TensorDiff(passed=True, max_abs=0.0, mean_abs=0.0, min_abs=0.0, max_rel=0.0, value=0.0, **base)
-    flat_worst, max_abs, mean_abs, min_abs, max_rel = stats
+    flat_worst, max_abs, mean_abs, min_abs, max_rel, scale = stats
     pos = np.unravel_index(flat_worst, a.shape) if a.ndim else ()
     ref_v, got_v = float(a[pos]), float(b[pos])
-    value = {"mean": mean_abs, "max": max_abs, "min": min_abs}[tol.method]
+    # rel: an all-zero reference has no size to be relative to, so it is judged on max |diff| itself
+    value = {"mean": mean_abs, "max": max_abs, "min": min_abs,
+             "rel": max_abs / scale if scale > 0 else max_abs}[tol.method]
     passed = bool(np.isfinite(value) and value <= tol.threshold)
     worst = tuple(int(i) for i in pos)
-    reason = "" if passed else (f"{tol.method} abs diff {value:.3e} > {tol.threshold:g} "
+    what = (f"max|diff|/max|{ref_side}| {value:.3e}" if tol.method == "rel" and scale > 0 else
+            f"max abs diff {value:.3e} ({ref_side} is all zeros)" if tol.method == "rel" else
+            f"{tol.method} abs diff {value:.3e}")
+    reason = "" if passed else (f"{what} > {tol.threshold:g} "
                                 f"(max {max_abs:.3e} at {list(worst)}: {ref_side} {ref_v:.9g} "
-                                f"vs {got_side} {got_v:.9g})" + _rounding_hint(a, max_abs, tol))
+                                f"vs {got_side} {got_v:.9g}"
+                                + (f"; max|{ref_side}| {scale:.4g}" if tol.method == "rel" and scale > 0 else "")
+                                + ")" + _rounding_hint(a, max_abs, tol))
     return TensorDiff(passed=passed, reason=reason, max_abs=max_abs, mean_abs=mean_abs, min_abs=min_abs,
-                      max_rel=max_rel, value=value, worst_index=worst, **base)
+                      max_rel=max_rel, ref_scale=scale, value=value, worst_index=worst, **base)
 
 
 def _rounding_hint(a: np.ndarray, max_abs: float, tol: Tolerance) -> str:

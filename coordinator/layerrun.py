@@ -26,8 +26,9 @@ BACKWARD_TOL = LayerTolerance(1e-4, 1e-4)   # correct MiniLM: <= 2.5e-5 (small b
 
 
 def tolerances(rc: RunContext) -> tuple[LayerTolerance, LayerTolerance]:
-    """``--tolerance layers=max:T`` (forward) and ``layers.backward=max:T``; the method is always
-    the normalized max (max|diff| / max|torch|)."""
+    """``--tolerance layers=rel:T`` (forward) and ``layers.backward=rel:T``; the method is always
+    the normalized max (max|diff| / max|torch|, with the phase's floor), so ``max:T`` (accepted,
+    the older spelling) means the same; the command line refuses mean/min here."""
     from .compare import Tolerance
     f = rc.tol("layers", Tolerance(FORWARD_TOL.threshold, "max"))
     b = rc.tol("layers.backward", Tolerance(BACKWARD_TOL.threshold, "max"))

@@ -30,6 +30,8 @@ def format_report(diffs: Iterable[TensorDiff], method: str, threshold: float, no
     """The text ``ReprodDiffHelper.report(diff_method, diff_threshold)`` would log.
 
     Unlike reprod_log, a NaN/Inf statistic or a shape mismatch reports ``check passed: False``.
+    Each line names the statistic its own verdict was taken on (``d.method``, else ``method``):
+    reprod_log's mean/max/min, or lockstep's ``rel`` (max|diff| / max|reference|).
     """
     stamp = time.strftime("%Y/%m/%d %H:%M:%S", time.localtime(now))
     prefix = f"[{stamp}] root INFO: "
@@ -37,14 +39,15 @@ def format_report(diffs: Iterable[TensorDiff], method: str, threshold: float, no
     all_passed = True
     for d in diffs:
         lines.append(f"{prefix}{d.name}: ")
-        value = {"mean": d.mean_abs, "max": d.max_abs, "min": d.min_abs}[method]
-        if method != "mean" and str(d.dtype).startswith(("int", "uint")) and value == value:
+        m = d.method or method
+        value = d.value if m == "rel" else {"mean": d.mean_abs, "max": d.max_abs, "min": d.min_abs}[m]
+        if m in ("max", "min") and str(d.dtype).startswith(("int", "uint")) and value == value:
             value = int(value)   # numpy's max/min of an integer |diff| is an integer: "0", not "0.0"
         elif value != value and d.reason and not d.shape:
             value = f"nan ({d.reason})"   # not a tensor statistic (e.g. a check on names): say why
         ok = bool(d.passed)  # computed by compare() with this same method and threshold
         all_passed = all_passed and ok
-        lines.append(f"{prefix}\t{method} diff: check passed: {ok}, value: {value}")
+        lines.append(f"{prefix}\t{m} diff: check passed: {ok}, value: {value}")
     lines.append(f"{prefix}diff check {'passed' if all_passed else 'failed'}")
     return "\n".join(lines) + "\n"
 

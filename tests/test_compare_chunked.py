@@ -95,3 +95,53 @@ def test_a_failure_within_rounding_of_large_values_says_so():
     c[0] += np.float32(0.5)
     real = compare("energy", a, c, Tolerance(1e-5, "max"))
     assert not real.passed and "ulp" not in real.reason
+
+
+def test_rel_judges_the_worst_difference_against_the_tensors_size():
+    """rel = max|a-b| / max|a| over all chunks: a 1e-7 relative error on values near 1000 passes
+    rel:1e-6 where max:1e-5 fails it; the negative control, one element 1 % off, fails rel with
+    the reference's size in the reason."""
+    from coordinator.compare import Tolerance, compare
+    rng = np.random.RandomState(0)
+    a = (rng.standard_normal(3 * C.STATS_CHUNK + 5) * 100).astype(np.float32)
+    a[-1] = 1000.0                            # the largest magnitude sits in the last chunk
+    b = (a.astype(np.float64) * (1 + 1e-7)).astype(np.float32)
+    assert not compare("h", a, b, Tolerance(1e-5, "max")).passed
+    d = compare("h", a, b, Tolerance(1e-6, "rel"))
+    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    assert d.passed and d.method == "rel" and d.ref_scale == 1000.0
+    assert d.value == pytest.approx(diff.max() / 1000.0, rel=1e-12)
+    assert d.tolerance == "max|diff|/max|ref| <= 1e-06" and d.to_json()["ref_scale"] == 1000.0
+    c = a.copy()
+    c[7] = a[7] * np.float32(1.01) + np.float32(0.01)
+    bad = compare("h", a, c, Tolerance(1e-4, "rel"))
+    assert not bad.passed and bad.worst_index == (7,)
+    assert bad.reason.startswith("max|diff|/max|torch| ") and "max|torch| 1000" in bad.reason
+
+
+def test_rel_on_an_all_zero_reference_falls_back_to_the_absolute_difference():
+    from coordinator.compare import Tolerance, compare
+    z = np.zeros((4, 3), np.float32)
+    assert compare("g", z, z.copy(), Tolerance(1e-6, "rel")).passed          # identical
+    noise = z.copy()
+    noise[1, 2] = 1e-9
+    ok = compare("g", z, noise, Tolerance(1e-6, "rel"))
+    assert ok.passed and ok.value == pytest.approx(1e-9)
+    noise[1, 2] = 1e-3
+    bad = compare("g", z, noise, Tolerance(1e-6, "rel"))
+    assert not bad.passed and "torch is all zeros" in bad.reason
+
+
+def test_diff_log_lines_name_the_statistic_each_verdict_was_taken_on():
+    """A step whose tensors have different methods writes each line with its own (reprod_log's
+    lines for max/mean/min are unchanged; rel lines carry the relative value)."""
+    from coordinator.compare import Tolerance, compare
+    from coordinator.reprodlog import format_report
+    a = np.array([100.0, 2.0], np.float32)
+    b = np.array([100.01, 2.0], np.float32)
+    diffs = [compare("loss", a, b, Tolerance(1e-1, "max")), compare("grad", a, b, Tolerance(1e-5, "rel"))]
+    lines = format_report(diffs, "max", 1e-1).splitlines()
+    assert lines[1].endswith(f"\tmax diff: check passed: True, value: {diffs[0].max_abs}")
+    assert lines[3].endswith(f"\trel diff: check passed: False, value: {diffs[1].value}")
+    assert diffs[1].value == pytest.approx(diffs[0].max_abs / 100.0)
+    assert lines[-1].endswith("diff check failed")

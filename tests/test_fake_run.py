@@ -51,6 +51,22 @@ def test_forward_divergence_is_flagged_and_named(fake_run):
     assert (out / "forward_diff.log").read_text().strip().endswith("diff check failed")
 
 
+def test_a_relative_tolerance_flags_the_broken_port_and_passes_the_faithful_one(fake_run, tmp_path):
+    """--tolerance forward=rel:T: the verdict is on max|diff| / max|torch|, written as such in
+    summary.json and forward_diff.log; the same command on the faithful fake passes."""
+    proc, out = fake_run("--steps", "weights,forward", "--tolerance", "forward=rel:1e-4", paddle="bug@forward")
+    assert proc.returncode == ExitCode.DIVERGED, proc.stdout + proc.stderr
+    d = [x for x in load_summary(out)["steps"] if x["name"] == "forward"][0]["diffs"][0]
+    assert d["method"] == "rel" and d["value"] == pytest.approx(d["max_abs"] / d["ref_scale"])
+    assert d["value"] > 1e-4 and d["tolerance"] == "max|diff|/max|ref| <= 0.0001"
+    log = (out / "forward_diff.log").read_text()
+    assert f"rel diff: check passed: False, value: {d['value']}" in log
+    ok = coordinator(["run", "--out", str(tmp_path / "ok"), "--mapping", str(ROOT / "tests/data/fake_mlp.toml"),
+                      "--steps", "weights,forward", "--tolerance", "forward=rel:1e-4"], env=fake_env())
+    assert ok.returncode == ExitCode.ALIGNED, ok.stdout + ok.stderr
+    assert "rel diff: check passed: True" in (tmp_path / "ok/forward_diff.log").read_text()
+
+
 def test_fail_fast_says_which_steps_it_did_not_run(fake_run):
     proc, out = fake_run("--steps", "weights,forward,weights", "--fail-fast", paddle="bug@forward")
     assert proc.returncode == ExitCode.DIVERGED, proc.stdout + proc.stderr
@@ -202,6 +218,8 @@ def test_a_step_that_raises_is_an_internal_error_not_a_divergence(tmp_path, monk
 @pytest.mark.parametrize("args, message", [
     (["--steps", ""], "--steps '': no step given"),
     (["--steps", "forward", "--tolerance", "foward=max:1e-5"], "no step or sub-check 'foward'"),
+    (["--steps", "forward", "--tolerance", "forward=ulp:4"], "method max, mean or min"),
+    (["--steps", "forward", "--tolerance", "layers.backward=mean:1e-4"], "use layers.backward=rel:T"),
     (["--steps", "forward", "--out", "{file}"], "exists and is not a directory"),
     (["--steps", "forward", "--out", "{file}/sub"], "cannot create the run directory (Not a directory)"),
     (["--steps", "forward", "--out", "{file}:x"], "a run directory's path cannot hold ':'"),

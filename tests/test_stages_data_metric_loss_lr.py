@@ -225,6 +225,18 @@ def test_compare_fails_over_threshold_and_names_the_key(tmp_path):
     assert _compare(tmp_path, a, b, "--method", "max", "--threshold", "1e-3").returncode == ExitCode.ALIGNED
 
 
+def test_compare_rel_judges_each_key_against_its_own_size(tmp_path):
+    """--method rel: energies near 2000 off by 2e-4 (1e-7 of their size) pass 1e-6, a loss near
+    0.5 off by 1e-4 (2e-4 of its size) fails it and is the only key named."""
+    a = {"energy": np.array([2000.0, -1500.0], np.float32), "loss": np.array([0.5], np.float32)}
+    b = {"energy": np.array([2000.0002, -1500.0], np.float32), "loss": np.array([0.5001], np.float32)}
+    proc = _compare(tmp_path, a, b, "--method", "rel", "--threshold", "1e-6")
+    assert proc.returncode == ExitCode.DIVERGED, proc.stdout + proc.stderr
+    assert "FAIL loss: max|diff|/max|A| 2.000e-04" in proc.stdout and "FAIL energy" not in proc.stdout
+    assert "\trel diff: check passed: True" in proc.stdout and "\trel diff: check passed: False" in proc.stdout
+    assert _compare(tmp_path, a, b, "--method", "rel", "--threshold", "1e-3").returncode == ExitCode.ALIGNED
+
+
 def test_compare_nan_fails_where_reprod_log_would_pass(tmp_path):
     a = {"loss": np.array([np.nan], np.float32)}
     proc = _compare(tmp_path, a, a)  # |nan - nan| = nan; reprod_log: "nan > 1e-6" is False -> passed

@@ -45,6 +45,21 @@ def test_per_parameter_comparison_names_the_first_failing_parameter():
     assert "2/3 params exceed" in bad.reason and "b.bias" in bad.reason
 
 
+def test_relative_gradient_tolerance_holds_a_large_weight_and_a_small_bias_to_one_threshold():
+    """rel: a weight gradient of size ~100 off by 1e-4 (1e-6 of its size) passes, a bias gradient
+    of size 1e-3 off by 1e-4 (10 %) fails, although max:1e-5 would judge them the other way
+    round; the summary line carries the relative value and the diff.log names it rel."""
+    from coordinator.reprodlog import format_report
+    ref = {"w": np.full((4, 4), 100.0, np.float32), "b": np.full(4, 1e-3, np.float32)}
+    got = {"w": ref["w"] + np.float32(1e-4), "b": ref["b"] + np.float32(1e-4)}
+    by_abs, _ = compare_named("grad", 0, ref, got, Tolerance(1e-5, "max"))
+    assert not by_abs.passed and by_abs.extra["param"] == "w"
+    res, per = compare_named("grad", 0, ref, got, Tolerance(1e-5, "rel"))
+    assert [d.passed for d in per] == [True, False] and res.extra["param"] == "b"
+    assert res.method == "rel" and res.value == pytest.approx(0.1, rel=1e-3)
+    assert f"rel diff: check passed: False, value: {res.value}" in format_report([res], "max", 1e-5)
+
+
 def test_missing_gradient_is_a_failure_named_with_its_side():
     ref = {"a": np.zeros(2, np.float32), "b": np.zeros(2, np.float32)}
     res, _ = compare_named("grad", 1, ref, {"a": np.zeros(2, np.float32)}, Tolerance(1e-6, "max"))

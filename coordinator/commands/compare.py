@@ -35,8 +35,8 @@ def compare_files(a_path: Path, b_path: Path, tol: Tolerance) -> tuple[list[Tens
 @click.command("compare")
 @click.argument("a", type=click.Path(path_type=Path))
 @click.argument("b", type=click.Path(path_type=Path))
-@click.option("--method", type=click.Choice(["mean", "max", "min"]), default="mean", show_default=True,
-              help="statistic of |A-B| per key (reprod_log's diff_method)")
+@click.option("--method", type=click.Choice(["mean", "max", "min", "rel"]), default="mean", show_default=True,
+              help="statistic of |A-B| per key (reprod_log's diff_method), or rel: max|A-B| / max|A|")
 @click.option("--threshold", type=float, default=1e-6, show_default=True, help="reprod_log's diff_threshold")
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="also write the report here (reprod_log's diff.log format, then the reasons as # lines)")

@@ -33,7 +33,7 @@ from ..errors import ExitCode, LockstepError
 @click.option("--torch-inject", multiple=True)
 @click.option("--param", "params", multiple=True, metavar="KEY=VALUE")
 @click.option("--tolerance", "tolerances", multiple=True, metavar="STEP=METHOD:THRESHOLD",
-              help="layers=max:5e-6 (forward), layers.backward=max:1e-4")
+              help="layers=rel:5e-6 (forward), layers.backward=rel:1e-4 (max|diff| / max|torch|)")
 @click.option("--schedule", type=click.Choice(["auto", "parallel", "alternate"]), default="auto", show_default=True)
 @click.option("--threads", default=0)
 @click.option("--torch-device", default="cpu", show_default=True)

@@ -180,10 +180,11 @@ def compare_named(kind: str, it: int, ref: dict[str, Any], got: dict[str, Any], 
     finite = [d for d in per if d.value == d.value]
     worst = max(finite, key=lambda d: d.value) if finite else (failing[0] if failing else None)
     pick = failing[0] if failing else worst
-    summary = TensorDiff(f"{kind}_{it}", not failing, tolerance=tol.describe())
+    summary = TensorDiff(f"{kind}_{it}", not failing, tolerance=tol.describe(), method=tol.method)
     if pick is not None:
         summary.max_abs, summary.mean_abs, summary.min_abs = pick.max_abs, pick.mean_abs, pick.min_abs
         summary.max_rel, summary.value, summary.shape = pick.max_rel, pick.value, pick.shape
+        summary.ref_scale = pick.ref_scale
         summary.worst_index, summary.dtype = pick.worst_index, pick.dtype
     # (TensorDiff is falsy when it failed: test against None, never truthiness)
     summary.extra = {"param": pick.name if pick is not None else None, "failing": len(failing), "of": len(per),

@@ -17,6 +17,7 @@ def run(rc: RunContext) -> StepResult:
     tol = rc.tol("forward", DEFAULT)
     diffs = diff_dicts(t_out, p_out, tol)
     for d in diffs:
-        rc.say(f"  {d.name:12s} max {d.max_abs:.3e}  mean {d.mean_abs:.3e}  {'ok' if d.passed else 'FAIL ' + d.reason}")
+        rel = f"  rel {d.value:.3e}" if d.method == "rel" else ""
+        rc.say(f"  {d.name:12s} max {d.max_abs:.3e}  mean {d.mean_abs:.3e}{rel}  {'ok' if d.passed else 'FAIL ' + d.reason}")
     details = {"inputs": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in inputs.items()}}
     return finish(rc, "forward", t_out, p_out, diffs, tol, details)
