@@ -189,3 +189,25 @@ def worker_site(run_dir: Path, package: str) -> Path:
         if not link.exists():
             link.symlink_to(src, target_is_directory=True)
     return site
+
+
+def remove_worker_site(run_dir: Path) -> None:
+    """Remove ``<run_dir>/.site`` once its workers are gone: the links themselves, never what they
+    point to (the project's packages); anything else found there is left alone."""
+    site = Path(run_dir) / ".site"
+    if not site.is_dir() or site.is_symlink():
+        return
+    for pkg_dir in site.iterdir():
+        if pkg_dir.is_symlink() or not pkg_dir.is_dir():
+            continue
+        for link in pkg_dir.iterdir():
+            if link.is_symlink():
+                link.unlink()
+        try:
+            pkg_dir.rmdir()
+        except OSError:
+            pass
+    try:
+        site.rmdir()
+    except OSError:
+        pass

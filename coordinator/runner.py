@@ -8,6 +8,7 @@ atomically after every step, so a crash or Ctrl-C keeps everything already done.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -304,6 +305,8 @@ def run(opts: RunOptions, worker_specs: dict[str, WorkerSpec], say: Callable[[st
         signal.signal(signal.SIGINT, old)
         signal.signal(signal.SIGTERM, old_term)
         session.close()
+        with contextlib.suppress(OSError):
+            (opts.out / ".lock").unlink()   # still held: no other run can have taken it meanwhile
         os.close(lock_fd)
         _write_html_report(opts.out, say)
     return code, summary

@@ -317,6 +317,8 @@ class Session:
             except OSError:
                 pass
             self._own_sock = None
+        from .envs import remove_worker_site
+        remove_worker_site(self.run_dir)   # the workers' import links (local workers only), now unused
 
     def _kill(self, h: WorkerHandle) -> str:
         """SIGTERM, then SIGKILL after TERM_GRACE_S; says which it took (a hang in C may ignore SIGTERM)."""

@@ -52,3 +52,21 @@ def test_create_is_idempotent_and_check_reports_versions():
     assert "torch: 2.13.0" in check.stdout and "paddle: 3.3.1" in check.stdout
     assert "paddlenlp: 2.8.1" in check.stdout and "devices: ['cpu']" in check.stdout
     del t0
+
+
+def test_a_run_removes_its_workers_import_links_and_never_their_targets(tmp_path):
+    """<run>/.site/<worker>/ holds symlinks to the project's packages while workers run; closing
+    the session removes the links and their directories, the packages stay, and a file that is
+    not lockstep's keeps .site in place."""
+    from conftest import ROOT
+    from coordinator.session import Session
+    site = E.worker_site(tmp_path, "torch_worker")
+    E.worker_site(tmp_path, "paddle_worker")
+    assert (site / "protocol").is_symlink() and (site / "torch_worker" / "ops_layers.py").exists()
+    Session(tmp_path).close()
+    assert not (tmp_path / ".site").exists()
+    assert (ROOT / "protocol" / "codec.py").exists() and (ROOT / "torch_worker" / "ops_layers.py").exists()
+    E.worker_site(tmp_path, "torch_worker")
+    (tmp_path / ".site" / "notes.txt").write_text("mine")
+    E.remove_worker_site(tmp_path)
+    assert not (tmp_path / ".site" / "torch_worker").exists() and (tmp_path / ".site" / "notes.txt").exists()

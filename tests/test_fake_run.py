@@ -23,6 +23,7 @@ def test_aligned_run_writes_every_artifact(fake_run):
     assert (out / "forward_diff.log").read_text().strip().endswith("diff check passed")
     assert s["workers"]["torch"]["protocol"] == 1
     assert not (out / ".sock").exists()   # the private socket and its directory are gone after the run
+    assert not (out / ".lock").exists()
 
 
 def test_a_long_run_path_socket_in_a_temp_directory_is_removed_too(tmp_path, monkeypatch):

@@ -112,6 +112,7 @@ def test_cnn_example_aligns_with_automatic_mapping(cnn_run):
     assert diff["name"] == "output" and diff["shape"] == [4, 10] and diff["max_abs"] < 1e-5
     mapping = tomllib.loads((out / "automap.toml").read_text())
     assert mapping["keys"]["features.5.running_mean"] == "bn2._mean"
+    assert not (out / ".site").exists() and not (out / ".lock").exists()   # the run's own plumbing is gone
     assert mapping["ignore"]["torch"] == ["features\\.1\\.num_batches_tracked$", "features\\.5\\.num_batches_tracked$"]
 
 
