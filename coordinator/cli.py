@@ -18,9 +18,10 @@ DEFAULT_ORDER = ["weights", "forward"]
 def _console():
     """Rich output; into a file or a CI log (not a terminal) 160 columns wide instead of rich's
     80, so tables keep their notes. Plain lines are never wrapped (``soft_wrap``): paths, keys
-    and layer names stay whole for grep."""
+    and layer names stay whole for grep. No emoji codes: ``:smile:`` in a user's sentence or
+    ``x:0:`` in a file is quoted as written."""
     from rich.console import Console
-    return Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+    return Console(highlight=False, emoji=False, width=None if sys.stdout.isatty() else 160)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -305,12 +306,14 @@ def _run_dir(given: Path | None) -> Path:
     cannot be a directory is a usage error naming it before any worker starts."""
     from .errors import UsageError
     try:
-        if given is None:
-            return _fresh_run_dir(Path("runs"))
-        out = given
+        out = given if given is not None else Path("runs")
         if ":" in str(out.absolute()):   # the workers import lockstep from <run>/.site via PYTHONPATH
-            raise UsageError(f"--out {out}: a run directory's path cannot hold ':' (PYTHONPATH's separator: "
-                             f"the workers import lockstep's packages from inside it); choose another name")
+            what = f"--out {out}" if given is not None else f"the default run directory {out.absolute()}"
+            raise UsageError(f"{what}: a run directory's path cannot hold ':' (PYTHONPATH's separator: "
+                             f"the workers import lockstep's packages from inside it); choose another name"
+                             + ("" if given is not None else " with --out DIR, or run from another directory"))
+        if given is None:
+            return _fresh_run_dir(out)
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {out}: exists and is not a directory")
         if out.is_dir() and (out / "summary.json").exists():
@@ -404,13 +407,14 @@ def _options_json(opts) -> dict:
 
 def _print_table(console, data: dict) -> None:
     from rich.table import Table
+    from rich.text import Text    # cells as plain text: a '[...]' or ':name:' in a message is not markup
     t = Table(title="lockstep verdict")
     for col in ("step", "verdict", "worst diff", "tolerance", "seconds", "note"):
         t.add_column(col)
     for s in data.get("steps", []):
         worst = s.get("worst")
-        t.add_row(s["name"], s["status"].upper(), "-" if worst is None else f"{worst:.3e}", s.get("tolerance", ""),
-                  f"{s.get('seconds', 0):.1f}", _clip(s.get("message") or "", 160))
+        t.add_row(Text(s["name"]), s["status"].upper(), "-" if worst is None else f"{worst:.3e}",
+                  Text(s.get("tolerance", "")), f"{s.get('seconds', 0):.1f}", Text(_clip(s.get("message") or "", 160)))
     console.print(t)
 
 

@@ -55,7 +55,7 @@ class LayerView:
         if self.live_mode:
             from rich.console import Console
             from rich.live import Live
-            self._live = Live(self._render(), console=Console(file=self.stream, highlight=False),
+            self._live = Live(self._render(), console=Console(file=self.stream, highlight=False, emoji=False),
                               refresh_per_second=8, transient=False)
             self._live.__enter__()
         return self

@@ -9,6 +9,7 @@ and the unmapped modules.
 from __future__ import annotations
 
 import html
+import re
 import json
 import math
 from pathlib import Path
@@ -38,8 +39,18 @@ tr.bad td{background:#fff3f2}
 W, H, PAD_L, PAD_R, PAD_T, PAD_B = 1100, 300, 62, 16, 18, 40
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[@-_]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
 def _e(x: Any) -> str:
-    return html.escape("" if x is None else str(x))
+    """Escaped for HTML, without terminal colour codes or control bytes (worker logs carry them)."""
+    return html.escape(_ANSI.sub("", "" if x is None else str(x)))
+
+
+def _mod(name: Any) -> Any:
+    """A module name as the terminal shows it: the model itself (name "") is ``<model>``."""
+    from .layerdiff import ROOT_NAME
+    return ROOT_NAME if name == "" else name
 
 
 def _num(x: Any, fmt: str = ".3e") -> str:
@@ -106,7 +117,7 @@ def curve_svg(rows: list[dict[str, Any]], threshold: float | None, title: str,
     for (i, r), v in zip(pts, vals):
         bad = not r.get("passed", True)
         color = "#c5221f" if bad else "#1a73e8"
-        label = f"{r.get('torch')}{' <' + r['what'] + '>' if r.get('what') in ('input', 'grad') else ''}"
+        label = f"{_mod(r.get('torch'))}{' <' + r['what'] + '>' if r.get('what') in ('input', 'grad') else ''}"
         tip = f"{label} [{r.get('torch_type', '')}] max {_num(r.get('max_abs'))} rel {_num(r.get('norm_err'), '.2e')}"
         out.append(f"<circle cx='{x(i):.1f}' cy='{y(v):.1f}' r='{3.2 if bad else 2.4}' fill='{color}'>"
                    f"<title>{_e(tip)}</title></circle>")
@@ -162,9 +173,9 @@ def _first_box(first: dict[str, Any] | None, phase: str) -> str:
     verdict = {"own": "OWN ERROR: the layer itself computes differently",
                "inherited": "inherited: its input (or gradient) was already off",
                "unknown": "not isolated"}.get(iso.get("verdict"), "not isolated")
-    parts = [f"<div class='box'><b>{phase}: first divergent layer</b> <code>{_e(first.get('torch'))}</code>"
+    parts = [f"<div class='box'><b>{phase}: first divergent layer</b> <code>{_e(_mod(first.get('torch')))}</code>"
              f"{' &lt;' + _e(first.get('what')) + '&gt;' if first.get('what') in ('input', 'grad') else ''}"
-             f" [{_e(first.get('torch_type'))}] &harr; <code>{_e(first.get('paddle'))}</code> "
+             f" [{_e(first.get('torch_type'))}] &harr; <code>{_e(_mod(first.get('paddle')))}</code> "
              f"[{_e(first.get('paddle_type'))}]<br>{_e(first.get('reason'))}"
              f"<br><b>isolated</b>: <span class='{'fail' if iso.get('verdict') == 'own' else 'other'}'>"
              f"{_e(verdict)}</span> &mdash; {_e(iso.get('why'))}"]
@@ -191,8 +202,8 @@ def _rows_table(rows: list[dict[str, Any]], phase: str) -> str:
     for i, r in enumerate(rows, 1):
         ok = r.get("passed")
         tag = f" &lt;{_e(r['what'])}&gt;" if r.get("what") in ("input", "grad") else ""
-        out.append(f"<tr class='{'' if ok else 'bad'}'><td class='num'>{i}</td><td><code>{_e(r.get('torch'))}</code>{tag}"
-                   f"</td><td><code>{_e(r.get('paddle'))}</code></td><td>{_e(r.get('torch_type'))}</td>"
+        out.append(f"<tr class='{'' if ok else 'bad'}'><td class='num'>{i}</td><td><code>{_e(_mod(r.get('torch')))}</code>{tag}"
+                   f"</td><td><code>{_e(_mod(r.get('paddle')))}</code></td><td>{_e(r.get('torch_type'))}</td>"
                    f"<td>{_e(r.get('shape'))}</td><td class='num'>{_num(r.get('max_abs'))}</td>"
                    f"<td class='num'>{_num(r.get('norm_err'), '.2e')}</td>"
                    f"<td class='{'pass' if ok else 'fail'}'>{'pass' if ok else 'FAIL ' + _e(r.get('reason'))}</td></tr>")

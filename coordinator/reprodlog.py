@@ -8,21 +8,42 @@ line for line. Reading such files back goes through ``safe_npy``, never plain pi
 
 from __future__ import annotations
 
+import pickle
 import time
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from .compare import TensorDiff, as_array
 
 
+class _Numpy1Pickler(pickle._Pickler):
+    """pickle protocol 3 (what numpy 1.x's ``np.save`` writes), naming numpy's reconstructors by
+    their numpy 1.x path: numpy 2 writes ``numpy._core.multiarray``, a module numpy < 1.26 lacks,
+    so reprod_log on an older stack could not open the files. ``numpy.core.multiarray._reconstruct``
+    and ``.scalar`` load on every numpy (numpy 2 keeps them for old pickles, without a warning)."""
+
+    def save_global(self, obj: Any, name: str | None = None) -> None:
+        attr = name or getattr(obj, "__name__", None)
+        if getattr(obj, "__module__", None) == "numpy._core.multiarray" and attr in ("_reconstruct", "scalar"):
+            self.write(pickle.GLOBAL + b"numpy.core.multiarray\n" + attr.encode() + b"\n")
+            self.memoize(obj)
+            return
+        super().save_global(obj, name)
+
+
 def save_npy(path: Path, tensors: dict[str, object]) -> None:
-    """Write a reprod_log-compatible ``.npy`` (a pickled dict of ndarrays) atomically."""
+    """Write a reprod_log-compatible ``.npy`` (a pickled dict of ndarrays) atomically: what
+    ``np.save(dict)`` writes (a 0-d object array), loadable by numpy 1.x and 2.x alike."""
     data = {k: np.asarray(as_array(v)) for k, v in tensors.items()}
+    box = np.empty((), dtype=object)
+    box[()] = data
     tmp = Path(str(path) + ".tmp")
     with open(tmp, "wb") as f:
-        np.save(f, data)  # a dict becomes a 0-d object array; reprod_log loads exactly this
+        npy_format.write_array_header_1_0(f, npy_format.header_data_from_array_1_0(box))
+        _Numpy1Pickler(f, protocol=3).dump(box)
     tmp.replace(path)
 
 

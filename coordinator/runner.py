@@ -264,6 +264,11 @@ def run(opts: RunOptions, worker_specs: dict[str, WorkerSpec], say: Callable[[st
             except LockstepError as exc:
                 exc.step = name
                 exc.args = (f"step {name!r}: {exc}",)  # name the step in stdout and summary.json
+                stopped = StepResult(name, False, message=str(exc),
+                                     status="interrupted" if isinstance(exc, Interrupted) else "error",
+                                     details={"exit_code": int(exc.exit_code), "error": type(exc).__name__})
+                stopped.seconds = time.monotonic() - t0
+                summary.add_step(stopped)   # the report says which step the run ended in, and why
                 raise
             except Exception as exc:  # a bug in a step must not lose the steps already done
                 import traceback
@@ -293,9 +298,11 @@ def run(opts: RunOptions, worker_specs: dict[str, WorkerSpec], say: Callable[[st
         summary.close("error" if any_error else "diverged" if any_failed else "aligned", code)
     except Interrupted as exc:
         code = ExitCode.INTERRUPTED
-        say(f"{exc}; {len(summary.data['steps'])} completed step(s) kept in the report")
+        done = sum(1 for s in summary.data["steps"] if s.get("status") in ("passed", "failed"))
+        say(f"{exc}; {done} completed step(s) kept in the report")
         _note_protocol(summary, session, say)
-        summary.close("interrupted", code, f"interrupted by Ctrl-C: {exc}; steps completed before it are kept")
+        by = "SIGTERM" if session.interrupted_by == signal.SIGTERM else "Ctrl-C"
+        summary.close("interrupted", code, f"interrupted by {by}: {exc}; steps completed before it are kept")
     except LockstepError as exc:
         code = exc.exit_code
         _note_protocol(summary, session, say)
@@ -345,6 +352,7 @@ def _interrupt_handler(session: Session, summary: Summary) -> Callable[[int, Any
                               "steps completed before it are kept")
             finally:
                 os._exit(ExitCode.INTERRUPTED)
+        session.interrupted_by = signum
         session.interrupt()
         what = "SIGTERM" if signum == signal.SIGTERM else "interrupt"
         os.write(2, f"\n{what}: starting no new op; the op in flight has {session.interrupt_grace:g}s to finish "

@@ -165,6 +165,7 @@ class Session:
         self._inbox: list[tuple[str, Message]] = []
         self.discarded = 0             # stale/duplicate replies and messages from unknown identities
         self.interrupted_at: float | None = None
+        self.interrupted_by: int | None = None   # the signal (SIGINT, SIGTERM) that asked for it
         self.interrupt_grace = INTERRUPT_GRACE_S
 
     # -- lifecycle -----------------------------------------------------------------

@@ -175,6 +175,36 @@ def test_reprod_npy_files_hold_plain_dicts_of_arrays(fake_run):
     assert set(d) == {"logits"} and d["logits"].shape == (4, 2) and d["logits"].dtype == np.float32
 
 
+def test_reprod_npy_files_open_on_numpy_1_as_well(fake_run, tmp_path):
+    """numpy < 1.26 has no ``numpy._core``: an unpickler that, like it, cannot import that module
+    opens our files (and finds the same arrays), and refuses what numpy 2's own np.save writes
+    (the control: the check can fail)."""
+    import io
+    import pickle
+    import warnings
+
+    class Numpy1Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if module.startswith("numpy._core"):
+                raise ModuleNotFoundError(f"No module named {module!r} (numpy 1.25)")
+            return super().find_class(module, name)
+
+    def load(path):
+        raw = path.read_bytes()
+        return Numpy1Unpickler(io.BytesIO(raw[raw.index(b"\n") + 1:])).load().item()
+
+    proc, out = fake_run("--steps", "weights,forward")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for f in ("weights_torch.npy", "weights_paddle.npy", "forward_torch.npy", "forward_paddle.npy"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")          # no DeprecationWarning on numpy 2 either
+            ours, current = load(out / f), np.load(out / f, allow_pickle=True).item()
+        assert set(ours) == set(current) and all(np.array_equal(ours[k], current[k]) for k in ours)
+    np.save(tmp_path / "np2.npy", {"logits": np.zeros(2, np.float32)})
+    with pytest.raises(ModuleNotFoundError, match="numpy._core"):
+        load(tmp_path / "np2.npy")
+
+
 def test_summary_tells_worker_compute_from_coordinator_time(fake_run):
     """Each step records the seconds each worker's handlers reported: a worker made slow in
     forward shows it there and only there (control: the other worker and the other step)."""
@@ -249,6 +279,33 @@ def test_bad_command_lines_are_refused_before_anything_starts(tmp_path, args, me
                            "--param", "nosuchparam=1", "--out", str(tmp_path / "ctl")], env=fake_env())
     assert control.returncode == ExitCode.USAGE and "nosuchparam" in control.stdout   # failed later, on --param
     assert "no step or sub-check" not in control.stdout
+
+
+def test_a_default_run_directory_under_a_colon_path_is_a_usage_error(tmp_path):
+    """Without --out the run goes to ./runs/<time>: from a directory named 'co:lon' the workers
+    could not import lockstep (':' splits PYTHONPATH), so it is exit 2 naming the path, not exit 3
+    with advice to rebuild an environment; the control, --out elsewhere, runs."""
+    here = tmp_path / "co:lon"
+    here.mkdir()
+    proc = coordinator(["run", "--steps", "weights", "--mapping", str(ROOT / "tests/data/fake_mlp.toml")],
+                       env=fake_env(), cwd=here)
+    assert proc.returncode == ExitCode.USAGE, proc.stdout + proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert f"the default run directory {here / 'runs'}: a run directory's path cannot hold ':'" in text
+    assert "waiting for workers" not in proc.stdout and not (here / "runs").exists()
+    ok = coordinator(["run", "--steps", "weights", "--mapping", str(ROOT / "tests/data/fake_mlp.toml"),
+                      "--out", str(tmp_path / "elsewhere")], env=fake_env(), cwd=here)
+    assert ok.returncode == ExitCode.ALIGNED, ok.stdout + ok.stderr
+
+
+def test_messages_in_the_verdict_table_are_printed_as_written(capsys):
+    """rich would turn ':smile:' into an emoji and '[bold]' into a style: a user's sentence or a
+    file's line must come out as it is."""
+    from coordinator.cli import _console, _print_table
+    note = "sentence 'Great :smile: movie [bold]x[/bold]' differs; root:x:0:0"
+    _print_table(_console(), {"steps": [{"name": "data", "status": "failed", "worst": 1.0, "tolerance": "max <= 0",
+                                         "seconds": 1.0, "message": note}]})
+    assert note in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, message", [

@@ -157,12 +157,19 @@ def assert_no_workers_left(run: Run, timeout: float = 5.0) -> None:
     assert not left, f"worker processes left behind: {left}"
 
 
-def assert_report_is_intact(run: Run, completed: list[str]) -> dict:
+def assert_report_is_intact(run: Run, completed: list[str], stopped_in: str | None = None) -> dict:
+    """Every completed step kept, then (``stopped_in``) the step the run ended in, recorded as an
+    error (or interrupted) with the reason, so the report says where and why it stopped."""
     s = run.summary()  # valid JSON (atomic rewrite) ...
-    assert [x["name"] for x in s["steps"]] == completed  # ... holding every completed step
-    assert all(x["passed"] for x in s["steps"])
+    names = completed + ([stopped_in] if stopped_in else [])
+    assert [x["name"] for x in s["steps"]] == names  # ... holding every completed step
+    assert all(x["passed"] for x in s["steps"][:len(completed)])
+    if stopped_in:
+        last = s["steps"][-1]
+        assert not last["passed"] and last["status"] in ("error", "interrupted")
+        assert last["message"] and s["first_failure"]["step"] == stopped_in
     ev = run.events()
-    assert [e["name"] for e in ev if e["kind"] == "step"] == completed
+    assert [e["name"] for e in ev if e["kind"] == "step"] == names
     assert ev[-1]["kind"] == "end" and ev[-1]["exit_code"] == run.proc.returncode
     return s
 
@@ -207,7 +214,7 @@ def test_worker_death_is_reported_with_worker_signal_op_step_and_log(runs, side,
     assert s["status"] == "error" and s["exit_code"] == rc
     assert detect < LOOSE_S
     assert_no_workers_left(run)
-    assert_report_is_intact(run, ["weights"] if step == "forward" else [])
+    assert_report_is_intact(run, ["weights"] if step == "forward" else [], None if before_hello else step)
     # nothing was retried or relaunched: the op reached the dying worker exactly once
     assert run.log(side).count(f"fake {side}: op {point}\n") == 1
 
@@ -218,7 +225,7 @@ def test_worker_death_in_parallel_schedule(runs):
     record_timing("death kill@forward (torch, parallel)", run.exited_at - run.stamp("torch.kill@forward"))
     assert "torch worker killed by signal SIGKILL during forward" in run.stdout
     assert_no_workers_left(run)
-    assert_report_is_intact(run, ["weights"])
+    assert_report_is_intact(run, ["weights"], "forward")
 
 
 def test_idle_worker_death_is_noticed_while_the_other_is_busy(runs):
@@ -247,7 +254,7 @@ def test_hang_that_ignores_sigterm_is_killed_with_its_stack(runs):
         assert "in fault" in text and "fake_worker.py" in text   # faulthandler's dump of the stuck frame
         assert "step 'forward'" in text
     assert_no_workers_left(run)
-    assert_report_is_intact(run, ["weights"])
+    assert_report_is_intact(run, ["weights"], "forward")
 
 
 def test_timeout_applies_to_every_op(runs):
@@ -328,7 +335,7 @@ def test_garbage_instead_of_the_reply_is_a_protocol_error(runs):
     assert run.wait() == ExitCode.PROTOCOL, run.stdout
     assert "paddle worker sent 1 malformed message(s) and no valid reply to op 'forward' within 1s" in run.stdout
     assert_no_workers_left(run)
-    assert_report_is_intact(run, ["weights"])
+    assert_report_is_intact(run, ["weights"], "forward")
 
 
 @pytest.mark.parametrize("fault", ["dup@forward", "stale@forward"])
@@ -423,7 +430,7 @@ def test_ctrl_c_times_out_the_op_in_flight_after_the_grace(runs):
     run.proc.send_signal(signal.SIGINT)
     assert run.wait() == ExitCode.INTERRUPTED, run.stdout
     record_timing("Ctrl-C with a 1 s grace -> exit", run.exited_at - sent)
-    s = assert_report_is_intact(run, ["weights"])
+    s = assert_report_is_intact(run, ["weights"], "forward")
     assert s["status"] == "interrupted"
     assert "'forward' on paddle did not finish within the 1s grace period" in s["error"]
     assert_no_workers_left(run)

@@ -447,3 +447,23 @@ def test_an_ambiguous_name_part_says_which_layers_it_matches():
     assert dbg.find("fc") == 0 and "'fc' is part of 2 layers' names (enc.0.fc, enc.1.fc)" in out.getvalue()
     out.truncate(0)
     assert dbg.find("1.fc") == 1 and out.getvalue() == ""     # unique: no note
+
+
+def test_report_names_the_model_itself_and_drops_terminal_colour_codes(tmp_path):
+    """The root module (name "") shows as <model> in report.html and layers.tsv, as on the
+    terminal; a worker log's colour codes in the error do not reach the page as raw bytes."""
+    root = dict(_row(0, False, 1e-3), torch="", paddle="", torch_type="Net", paddle_type="Net")
+    first = dict(root, isolation={"verdict": "own", "why": "w", "advice": {"causes": []}}, top=[])
+    data = {"status": "error", "exit_code": 4, "error": "paddle worker died; log tail: \x1b[1mFatal\x1b[0m \x07end",
+            "steps": [{"name": "layers", "status": "failed", "passed": False, "worst": 1e-3, "tolerance": "t",
+                       "message": "m", "seconds": 1.0, "diffs": [],
+                       "details": {"forward": {"rows": [_row(1), root], "failed": 1, "first": first, "stats": {}}}}]}
+    page = render(data)
+    assert "<code>&lt;model&gt;</code>" in page and "first divergence: &lt;model&gt;" in page
+    assert "<code></code>" not in page
+    assert "\x1b" not in page and "\x07" not in page and "Fatal end" in page
+    from types import SimpleNamespace
+    from coordinator.steps.layers import _write_tsv
+    _write_tsv(SimpleNamespace(out=tmp_path), [_row(1), root])
+    lines = (tmp_path / "layers.tsv").read_text().splitlines()
+    assert lines[2].split("\t")[4:6] == ["<model>", "<model>"] and lines[1].split("\t")[4] == "enc.l1"

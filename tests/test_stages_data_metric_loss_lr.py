@@ -383,6 +383,8 @@ def test_each_negative_control_fails_its_step_and_is_named(broken):
         "input_ids differ first at token 1: torch 1996 'the' vs paddle 100 '[UNK]'")
     first = st["data"]["details"]["mismatches"][0]
     assert (first["line"], first["position"], first["torch_token"], first["paddle_token"]) == (3, 1, "the", "[UNK]")
+    assert ("  first difference: train item 1 (demo_train.tsv:3) 'The animated feature bored me so much that i "
+            "walked out early.': input_ids differ first at token 1") in proc.stdout   # whole, not clipped
     # metric: argmin flips every prediction, so the accuracies add up to one
     m = st["metric"]["details"]
     assert m["torch"]["accuracy"] + m["paddle"]["accuracy"] == 1.0

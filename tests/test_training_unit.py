@@ -99,3 +99,58 @@ def test_backward_tensor_iterations_setting():
     for bad in ("10", "-1", "some", ""):
         with pytest.raises(UsageError, match="backward_tensors"):
             tensor_iterations(bad, 10)
+
+
+class _Rc:
+    """Just enough of a RunContext for run_then_restore: converted weights, a snapshot to restore."""
+
+    def __init__(self, restore_fails: bool = False):
+        self.cache = {"converted": {}, "weights_snapshot": True}
+        self.said: list[str] = []
+        self.restored = 0
+        self.restore_fails = restore_fails
+
+    def both(self, op, body, at_once=False):
+        assert op == "weights_restore"
+        self.restored += 1
+        if self.restore_fails:
+            from coordinator.errors import WorkerDied
+            raise WorkerDied("torch worker killed by signal SIGTERM during weights_restore")
+
+    def say(self, text):
+        self.said.append(text)
+
+
+@pytest.mark.parametrize("error", ["WorkerDied", "WorkerHung", "Interrupted"])
+def test_a_training_step_that_loses_a_worker_reports_that_not_the_restore(error):
+    """The original error (which worker died, in which op) reaches the report; no restore is sent
+    to a dead worker (it used to fail too and replace the real error by its own)."""
+    from coordinator import errors
+    from coordinator.steps._training import run_then_restore
+    rc = _Rc(restore_fails=True)
+    exc = getattr(errors, error)("paddle worker killed by signal SIGKILL during train_step")
+
+    def body(_rc):
+        raise exc
+    with pytest.raises(getattr(errors, error)) as got:
+        run_then_restore(rc, body)
+    assert got.value is exc and rc.restored == 0
+
+
+def test_a_training_step_whose_op_failed_still_restores_the_weights_and_keeps_its_error():
+    from types import SimpleNamespace
+    from coordinator.errors import WorkerFailed
+    from coordinator.steps._training import run_then_restore
+
+    def body(_rc):
+        raise WorkerFailed(SimpleNamespace(worker="paddle", op="train_step", etype="ValueError", message="bad"))
+    rc = _Rc()
+    with pytest.raises(WorkerFailed, match="failed in op 'train_step'"):
+        run_then_restore(rc, body)
+    assert rc.restored == 1                                    # the workers live: later steps get the weights
+    failing = _Rc(restore_fails=True)
+    with pytest.raises(WorkerFailed, match="failed in op 'train_step'"):  # a failing restore does not hide it
+        run_then_restore(failing, body)
+    assert any("restoring the pristine weights failed too" in s for s in failing.said)
+    ok = _Rc()
+    assert run_then_restore(ok, lambda _rc: "result") == "result" and ok.restored == 1

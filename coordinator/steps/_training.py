@@ -11,7 +11,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..compare import TensorDiff, Tolerance, compare
-from ..errors import UsageError
+from ..errors import Interrupted, ProtocolMismatch, UsageError, WorkerDied, WorkerHung
 from ..runner import RunContext, StepResult
 from .common import ensure_converted
 
@@ -221,9 +221,17 @@ def run_then_restore(rc: RunContext, body: Callable[[RunContext], StepResult]) -
     """A training step: from the converted weights, and the pristine weights back afterwards."""
     ensure_converted(rc)
     try:
-        return body(rc)
-    finally:
-        restore_weights(rc)
+        result = body(rc)
+    except (WorkerDied, WorkerHung, Interrupted, ProtocolMismatch, KeyboardInterrupt):
+        raise   # a worker is gone or the run is stopping: a restore would only hide what happened
+    except Exception:
+        try:    # an op failed (or a coordinator bug): the workers live, later steps need the weights
+            restore_weights(rc)
+        except Exception as exc:
+            rc.say(f"  (restoring the pristine weights failed too: {exc})")
+        raise
+    restore_weights(rc)
+    return result
 
 
 def restore_weights(rc: RunContext) -> None:

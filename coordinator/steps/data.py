@@ -205,6 +205,7 @@ def run(rc: RunContext) -> StepResult:
         counts = "; ".join(f"{n}: {s['items_differing']}/{s['examples']} items, "
                            f"{s['batches_differing']}/{s['batches']} batches differ" for n, s in per_split.items())
         result.message = f"{first.describe(by_name[first.split], vocab)} ({counts})"
+        rc.say(f"  first difference: {first.describe(by_name[first.split], vocab)}")   # whole, unlike the table
     elif result.passed:
         sizes = ", ".join(f"{n}: {s['examples']} items, {s['batches']} batches" for n, s in per_split.items())
         result.message = f"{len(diffs)} tensors identical ({sizes})"

@@ -9,8 +9,8 @@ already off), with the usual causes for its kind (``coordinator/advice.toml``).
 Parameters: ``layers_backward`` (default on: one backward pass, cross-entropy on seeded
 labels, dropout off), ``layer_map`` (TOML override of the automatic pairing),
 ``layers_hold_mib`` (memory for tensors waiting for their counterpart; the rest spills to
-disk). Tolerances: ``--tolerance layers=max:5e-6`` (forward) and
-``layers.backward=max:1e-4``, on max|diff| / max|torch| (see docs/layers.md).
+disk). Tolerances: ``--tolerance layers=rel:5e-6`` (forward) and
+``layers.backward=rel:1e-4``, on max|diff| / max|torch| (see docs/layers.md).
 ``--stop-at-first`` ends the run at the first divergent layer.
 """
 
@@ -20,7 +20,7 @@ from collections import Counter
 from typing import Any
 
 from ..errors import WorkerFailed
-from ..layerdiff import Row
+from ..layerdiff import ROOT_NAME, Row
 from ..layerrun import capture, describe_first, layer_map, replay, seeded_labels, tolerances, top
 from ..layerview import LayerView
 from ..runner import RunContext, StepResult
@@ -79,7 +79,8 @@ def run(rc: RunContext) -> StepResult:
     if passed:
         msg = (f"{details['forward']['compared']} forward"
                + (f" and {details['backward']['compared']} backward" if ran_backward else "")
-               + f" layer tensors within tolerance ({fwd_tol.describe()})")
+               + f" layer tensors within tolerance (forward {fwd_tol.describe()}"
+               + (f"; backward {bwd_tol.threshold:g}" if ran_backward else "") + ")")
     else:
         msg = failures[0]
     tolerance = f"forward {fwd_tol.describe()}; backward {bwd_tol.describe()}" if ran_backward else fwd_tol.describe()
@@ -139,4 +140,9 @@ def _write_tsv(rc: RunContext, rows: list[dict[str, Any]]) -> None:
         f.write("\t".join(cols) + "\n")
         for r in rows:
             n[r.get("phase")] += 1
-            f.write("\t".join(str(n[r.get("phase")] if c == "n" else r.get(c, "")) for c in cols) + "\n")
+            cell = {c: r.get(c, "") for c in cols}
+            cell["n"] = n[r.get("phase")]
+            for side in ("torch", "paddle"):
+                if cell[side] == "":
+                    cell[side] = ROOT_NAME   # the model itself, as the terminal and report.html name it
+            f.write("\t".join(str(cell[c]) for c in cols) + "\n")
