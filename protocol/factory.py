@@ -84,30 +84,36 @@ def is_factory_spec(spec: str) -> bool:
     return ":" in spec
 
 
+class FactorySpecError(ImportError):
+    """The ``--*-model`` spec names nothing importable and callable (a typo, a wrong directory):
+    the command line's fault, which the coordinator reports as a usage error (exit 2). An import
+    error *inside* the user's module (a missing dependency) stays what it is."""
+
+
 def import_factory(spec: str, sys_path: list[str] | None = None) -> Factory:
     """Import ``module:function`` after putting ``sys_path`` first on ``sys.path``."""
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
-        raise ValueError(f"model spec {spec!r}: use module.path:function")
+        raise FactorySpecError(f"model spec {spec!r}: use module.path:function")
     for d in reversed(sys_path or []):
         if d not in sys.path:
             sys.path.insert(0, d)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name and module_name.startswith(exc.name):
-            raise ModuleNotFoundError(f"factory {spec!r}: no module {exc.name!r} on this worker's sys.path "
-                                      f"(searched first: {sys_path or []}; pass its directory with "
-                                      f"--torch-path/--paddle-path)", name=exc.name) from exc
+        if exc.name and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise FactorySpecError(f"factory {spec!r}: no module {exc.name!r} on this worker's sys.path "
+                                   f"(searched first: {sys_path or []}; pass its directory with "
+                                   f"--torch-path/--paddle-path)", name=exc.name) from exc
         raise
     obj: Any = module
     for part in attr.split("."):
         if not hasattr(obj, part):
-            raise AttributeError(f"factory {spec!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) "
-                                 f"has no attribute {attr!r}")
+            raise FactorySpecError(f"factory {spec!r}: module {module_name!r} ({getattr(module, '__file__', '?')}) "
+                                   f"has no attribute {attr!r}")
         obj = getattr(obj, part)
     if not callable(obj):
-        raise TypeError(f"factory {spec!r} is a {type(obj).__name__}, not a function")
+        raise FactorySpecError(f"factory {spec!r} is a {type(obj).__name__}, not a function")
     return obj
 
 

@@ -68,11 +68,16 @@ def test_import_factory_errors_name_the_spec_and_search_path(tmp_path):
     (tmp_path / "userpkg_lockstep_test.py").write_text("def build(seed=0):\n    return seed\nthing = 3\n")
     fn = F.import_factory("userpkg_lockstep_test:build", [str(tmp_path)])
     assert F.call_factory(fn, 7) == 7
-    with pytest.raises(ModuleNotFoundError, match=r"no module 'no_such_mod_xyz' on this worker's sys.path"):
+    with pytest.raises(F.FactorySpecError, match=r"no module 'no_such_mod_xyz' on this worker's sys.path"):
         F.import_factory("no_such_mod_xyz:build", [str(tmp_path)])
-    with pytest.raises(AttributeError, match="has no attribute 'nope'"):
+    with pytest.raises(F.FactorySpecError, match="has no attribute 'nope'"):
         F.import_factory("userpkg_lockstep_test:nope", [str(tmp_path)])
-    with pytest.raises(TypeError, match="is a int, not a function"):
+    with pytest.raises(F.FactorySpecError, match="is a int, not a function"):
         F.import_factory("userpkg_lockstep_test:thing", [str(tmp_path)])
-    with pytest.raises(ValueError, match="use module.path:function"):
+    # a dependency missing *inside* the user's module is not a typo in the spec: it stays itself
+    (tmp_path / "userpkg_needs_dep.py").write_text("import no_such_dependency_xyz\ndef build():\n    pass\n")
+    with pytest.raises(ModuleNotFoundError) as dep:
+        F.import_factory("userpkg_needs_dep:build", [str(tmp_path)])
+    assert not isinstance(dep.value, F.FactorySpecError) and dep.value.name == "no_such_dependency_xyz"
+    with pytest.raises(F.FactorySpecError, match="use module.path:function"):
         F.import_factory("userpkg_lockstep_test:", [])

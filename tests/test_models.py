@@ -148,7 +148,8 @@ def test_map_without_out_leaves_no_log_directory_behind_unless_it_fails(tmp_path
     assert not list(tmp_path.glob("lockstep-map-*"))
     bad = cli(["map", "--suggest", *CNN[:2], "--paddle-model", "no_such_module_xyz:build", "--no-create"],
               TMPDIR=str(tmp_path))
-    assert bad.returncode == ExitCode.WORKER_ERROR, text(bad)[-3000:]
+    assert bad.returncode == ExitCode.USAGE, text(bad)[-3000:]   # the spec names no module: a usage error
+    assert "--paddle-model: factory 'no_such_module_xyz:build': no module 'no_such_module_xyz'" in bad.stderr
     (kept,) = tmp_path.glob("lockstep-map-*")
     assert f"worker logs kept in {kept}" in bad.stderr   # map's console does not wrap (soft_wrap)
     assert (kept / "paddle_worker.log").exists()

@@ -46,6 +46,8 @@ def _load(rc: RunContext, side: str, body: dict[str, Any]) -> dict[str, Any]:
         msg = str(getattr(exc.remote, "message", ""))
         if exc.remote.etype == "ValueError" and ("unknown inject" in msg or "applies to the BERT presets" in msg):
             raise UsageError(f"--{side}-inject: {msg}") from None
+        if exc.remote.etype == "FactorySpecError":   # protocol.factory: the spec names nothing to call
+            raise UsageError(f"--{side}-model: {msg}") from None
         raise
 
 
