@@ -255,6 +255,11 @@ def run(**kw) -> None:
             from .layermap import load_override
             load_override(params["layer_map"])   # and the layers step's override file
         _check_devices(kw["torch_device"], kw["paddle_device"], kw["allow_shared_gpu"])
+        if kw["listen"] and (kw["torch_device"], kw["paddle_device"]) != ("cpu", "cpu"):
+            from .errors import UsageError
+            raise UsageError("--torch-device/--paddle-device choose local workers' devices; with --listen each "
+                             "remote worker picks its own: coordinator worker torch --device cuda:N (or paddle "
+                             "--device gpu:N) on its host")
         if not kw["listen"]:
             from .placement import check_local_gpus
             check_local_gpus(kw["torch_device"], kw["paddle_device"])

@@ -382,13 +382,26 @@ def _start_workers(session: Session, opts: RunOptions, specs: dict[str, WorkerSp
     secure = session.auth is not None
     say(f"listening on {session.endpoint} ({'CURVE, 2 admitted worker keys' if secure else 'NO encryption'}); "
         f"start the workers:")
-    from .security import is_loopback
+    import ipaddress
+    from .security import endpoint_host, is_loopback
+    if session.endpoint.startswith("tcp://"):
+        where = "<this host>"   # a wildcard or interface address: the user knows the host's name
+        if is_loopback(session.endpoint):
+            where = endpoint_host(session.endpoint) or "127.0.0.1"
+            try:
+                ip = ipaddress.ip_address(where)
+                where = str(getattr(ip, "ipv4_mapped", None) or ip)
+                where = f"[{where}]" if ":" in where else where
+            except ValueError:
+                pass   # localhost
+        connect = f"tcp://{where}:{session.endpoint.rsplit(':', 1)[-1]}"
+    else:
+        connect = session.endpoint   # ipc://PATH: a worker on this host, with access to PATH
     for spec in specs.values():
         keys = f" --curve-keys {spec.name}.key" if secure else ""
-        if not secure and not is_loopback(session.endpoint):
-            keys = " --insecure"   # the worker refuses plaintext to another host without it, too
-        spec.fix = (f"start it on its host: coordinator worker {spec.name} --connect "
-                    f"tcp://<this host>:{session.endpoint.rsplit(':', 1)[-1]}{keys}")
+        if not secure and connect.startswith("tcp://"):
+            keys = " --insecure"   # the worker refuses plaintext TCP without it, too
+        spec.fix = f"start it on its host: coordinator worker {spec.name} --connect {connect}{keys}"
         session.expect_remote(spec)
         say(f"  {spec.fix.partition(': ')[2]}")
 

@@ -127,6 +127,9 @@ def read_key_file(path: str, required: Iterable[str], stdin: TextIO | None = Non
         raise KeyFileError(f"key file {where} lacks {', '.join(missing)} (has: {', '.join(sorted(keys)) or 'nothing'})")
     for name in required:
         _validate_key(keys[name], where, name)
+    if "public" in required and "secret" in required and zmq.curve_public(keys["secret"]) != keys["public"]:
+        raise KeyFileError(f"key file {where}: its public key is not the one of its secret key (edited or mixed "
+                           f"from two files?); write a new set with `coordinator keys DIR --force`")
     return keys
 
 
@@ -172,22 +175,34 @@ def is_loopback(endpoint: str) -> bool:
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        ip = ipaddress.ip_address(host)
     except ValueError:
         return False  # '*', a name, an interface: reachable from elsewhere
+    mapped = getattr(ip, "ipv4_mapped", None)   # ::ffff:127.0.0.1, as a bound tcp://127.0.0.1:0 reports itself
+    return (mapped or ip).is_loopback
 
 
 def check_transport(endpoint: str, have_keys: bool, insecure: bool, role: str) -> str | None:
-    """Refuse plaintext TCP that can leave the host unless ``--insecure``; return a warning or None.
+    """Refuse plaintext TCP unless ``--insecure``; return a warning or None.
 
+    Loopback TCP too: any local user can connect to the port, or bind it before the coordinator
+    and command a worker that connects there (a worker imports and runs the factory the
+    coordinator names). ``ipc://`` paths are guarded by their directory's permissions.
     ``role`` is the flag the user typed (``--listen`` or ``--connect``) so the error names it.
     """
     if not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
         raise UsageError(f"{role} {endpoint!r}: use tcp://HOST:PORT (or ipc://PATH)")
     if endpoint.startswith("tcp://") and ":" not in endpoint[len("tcp://"):]:
         raise UsageError(f"{role} {endpoint!r}: the port is missing (tcp://HOST:PORT)")
-    if have_keys or is_loopback(endpoint):
+    if have_keys or not endpoint.startswith("tcp://"):
         return None
+    if not insecure and is_loopback(endpoint):
+        who = ("any local user could connect to it as a worker" if role == "--listen" else
+               "any local user who binds that port first could command this worker (it imports and runs "
+               "the model code it is told to)")
+        raise UsageError(f"{role} {endpoint} without --curve-keys: {who}. Create keys with `coordinator keys DIR` "
+                         f"and pass --curve-keys, use ipc://PATH in a directory only you can enter, or pass "
+                         f"--insecure on a host only you use")
     if not insecure:
         who = "any client could join" if role == "--listen" else "anyone on the way could read or impersonate them"
         raise UsageError(f"{role} {endpoint} is reachable from other hosts and no --curve-keys were given: "

@@ -91,13 +91,37 @@ class WorkerHandle:
 def private_run_socket(run_dir: Path) -> str:
     """An ipc endpoint in a 0700 directory; falls back to a short temp dir when the path is too long."""
     sock_dir = run_dir / ".sock"
+    path = sock_dir / "coordinator"
+    if len(str(path)) > 100:  # ipc paths are limited to ~107 bytes (and no empty .sock/ is left behind)
+        sock_dir = Path(tempfile.mkdtemp(prefix="lockstep-"))
+        return f"ipc://{sock_dir / 'c'}"
     sock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(sock_dir, 0o700)
-    path = sock_dir / "coordinator"
-    if len(str(path)) > 100:  # ipc paths are limited to ~107 bytes
-        sock_dir = Path(tempfile.mkdtemp(prefix="lockstep-"))
-        path = sock_dir / "c"
     return f"ipc://{path}"
+
+
+# What the coordinator reads from a HELLO, and the types it may hold (any of them may also be null).
+HELLO_FIELDS: dict[str, tuple] = {
+    "protocol": (int,), "worker": (str,), "framework": (str,), "framework_version": (str,), "device": (str,),
+    "threads": (int,), "pid": (int,), "host": (str,), "executable": (str,), "python": (str,),
+    "platform": (str,), "shm_bytes": (int,), "cuda_available": (bool,), "libraries": (dict,),
+    "determinism": (dict,), "deterministic": (dict,), "device_name": (str,), "device_memory": (int, float),
+    "device_index": (int,), "visible_devices": (str,), "device_uuid": (str,), "device_pci": (str,),
+    "nvidia_smi": (dict,),
+}
+
+
+def hello_problems(info: dict) -> list[str]:
+    """Fields of a HELLO whose type is not what the coordinator expects (``host`` as a list would
+    otherwise crash the placement checks); a dict's keys must be strings, its values scalars."""
+    out = []
+    for key, types in HELLO_FIELDS.items():
+        if info.get(key) is not None and not isinstance(info[key], types):
+            out.append(f"{key!r} is a {type(info[key]).__name__}")
+        elif isinstance(info.get(key), dict):
+            if any(not isinstance(k, str) or isinstance(v, (list, dict)) for k, v in info[key].items()):
+                out.append(f"{key!r} holds more than name: value pairs")
+    return out
 
 
 def lock_run_dir(run_dir: Path) -> int:
@@ -153,6 +177,8 @@ class Session:
         self.endpoint = endpoint or private_run_socket(self.run_dir)
         self._own_sock = None if endpoint else Path(self.endpoint[len("ipc://"):])  # removed by close()
         self.sock.bind(self.endpoint)
+        # --listen ipc://PATH: the socket file bind created goes too (its directory is the user's)
+        self._listen_file = Path(endpoint[len("ipc://"):]) if endpoint and endpoint.startswith("ipc://") else None
         if self.endpoint.startswith("tcp://") and self.endpoint.endswith(":0"):
             self.endpoint = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self.workers: dict[str, WorkerHandle] = {}
@@ -266,6 +292,11 @@ class Session:
     def _accept_hello(self, name: str, msg: Message) -> None:
         handle = self.workers[name]
         info = msg.body if isinstance(msg.body, dict) else {}
+        bad = hello_problems(info)
+        if bad:   # a remote peer's HELLO is data from the network: checked before anything trusts it
+            self._send(name, encode("request", 0, "shutdown", {}))
+            raise ProtocolMismatch(f"{name} worker sent a malformed HELLO ({'; '.join(bad[:3])}); refusing it "
+                                   f"before any weights move (is it a lockstep worker of this version?)")
         theirs = info.get("protocol", msg.version)
         if msg.version != PROTOCOL_VERSION or theirs != PROTOCOL_VERSION:
             self._send(name, encode("request", 0, "shutdown", {}))
@@ -288,8 +319,13 @@ class Session:
         """
         for name, h in self.workers.items():
             if h.proc is None or h.proc.poll() is None:
+                body: dict[str, Any] = {}
+                if h.proc is None and not h.hello:   # remote, never accepted: whoever holds the name is told
+                    body["refused"] = (f"no HELLO was accepted from a {name} worker on this connection (a key that "
+                                       f"belongs to another worker, or it connected after the HELLO wait); the "
+                                       f"coordinator's output says which")
                 try:
-                    self._send(name, encode("request", next(self._ids), "shutdown", {}))
+                    self._send(name, encode("request", next(self._ids), "shutdown", body))
                 except Exception:
                     pass
         end = time.monotonic() + timeout
@@ -318,6 +354,9 @@ class Session:
             except OSError:
                 pass
             self._own_sock = None
+        if self._listen_file is not None:
+            self._listen_file.unlink(missing_ok=True)
+            self._listen_file = None
         from .envs import remove_worker_site
         remove_worker_site(self.run_dir)   # the workers' import links (local workers only), now unused
 

@@ -42,7 +42,13 @@ def main(adapter_factory: Callable[[], Adapter], name: str) -> int:
                         help="exit when this process (the local coordinator) is gone")
     parser.add_argument("--curve-keys", default=None,
                         help="file (0600) with this worker's public/secret key and the server's public key")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow tcp:// without --curve-keys (anyone who can reach or bind the port commands "
+                             "this worker)")
     args = parser.parse_args()
+    if args.connect.startswith("tcp://") and not args.curve_keys and not args.insecure:
+        parser.error(f"--connect {args.connect} without --curve-keys: whoever listens on that port could command "
+                     f"this worker; pass --curve-keys FILE, or --insecure on a host and network only you use")
     curve = _read_curve_file(args.curve_keys) if args.curve_keys else None
     adapter = adapter_factory()
     return serve(args.name, args.connect, adapter.handlers(), adapter.hello(), curve=curve,
@@ -51,9 +57,15 @@ def main(adapter_factory: Callable[[], Adapter], name: str) -> int:
 
 def _read_curve_file(path: str) -> dict[str, bytes]:
     """Read ``public=…``, ``secret=…``, ``server=…`` lines (z85). '-' reads stdin."""
-    text = sys.stdin.read() if path == "-" else open(path).read()
+    def refuse(msg: str) -> None:
+        print(f"error: {msg}", file=sys.stderr)
+        raise SystemExit(2)   # a usage problem, as `coordinator worker` reports it
+    try:
+        text = sys.stdin.read() if path == "-" else open(path).read()
+    except OSError as exc:
+        refuse(f"cannot read key file {path}: {exc.strerror}")
     if path != "-" and os.stat(path).st_mode & 0o077:
-        raise SystemExit(f"key file {path} must not be readable by group/others (chmod 600)")
+        refuse(f"key file {path} must not be readable by group/others (chmod 600)")
     keys: dict[str, bytes] = {}
     for line in text.splitlines():
         if "=" in line and not line.lstrip().startswith("#"):
@@ -61,5 +73,5 @@ def _read_curve_file(path: str) -> dict[str, bytes]:
             keys[k.strip()] = v.strip().encode()
     missing = {"public", "secret", "server"} - set(keys)
     if missing:
-        raise SystemExit(f"key file {path} lacks {', '.join(sorted(missing))}")
+        refuse(f"key file {path} lacks {', '.join(sorted(missing))}")
     return keys

@@ -190,7 +190,7 @@ def serve(name: str, endpoint: str, handlers: dict[str, Handler], hello: dict[st
         sock.curve_publickey = curve["public"]
         sock.curve_secretkey = curve["secret"]
         sock.curve_serverkey = curve["server"]
-    link = _Link(sock, name, endpoint) if endpoint.startswith("tcp://") else None
+    link = _Link(sock, name, endpoint, keyed=curve is not None) if endpoint.startswith("tcp://") else None
     sock.connect(endpoint)
     ring = shm.writer_from_env()  # local workers: large tensors go through shared memory
     info = dict(hello, protocol=PROTOCOL_VERSION, worker=name, pid=os.getpid(), host=platform.node(),
@@ -241,6 +241,9 @@ def serve(name: str, endpoint: str, handlers: dict[str, Handler], hello: dict[st
     except _LinkDown as exc:
         print(f"[{name}] {exc}", file=sys.stderr, flush=True)
         return exc.code
+    except KeyboardInterrupt:   # Ctrl-C in a remote worker's own terminal
+        print(f"[{name}] interrupted (Ctrl-C); exiting", file=sys.stderr, flush=True)
+        return 130
     finally:
         if link is not None:
             link.close()
@@ -272,7 +275,8 @@ class _Link:
 
     FAIL_LIMIT = 5
 
-    def __init__(self, sock: zmq.Socket, name: str, endpoint: str):
+    def __init__(self, sock: zmq.Socket, name: str, endpoint: str, keyed: bool = False):
+        self.keyed = keyed   # started with CURVE keys: a failed handshake may be about them
         sock.setsockopt(zmq.HEARTBEAT_IVL, HEARTBEAT_MS)
         sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5 * HEARTBEAT_MS)
         sock.setsockopt(zmq.SNDTIMEO, SEND_TIMEOUT_MS)
@@ -305,9 +309,12 @@ class _Link:
             elif ev == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:   # retried every ~0.1 s
                 self.failures += 1
                 if self.failures >= self.FAIL_LIMIT:
-                    raise _LinkDown(f"the coordinator at {self.endpoint} refused the connection {self.failures} "
-                                    f"times: this worker's key file names another server key; use the "
-                                    f"{self.name}.key that `coordinator keys` wrote next to its server.key", 2)
+                    why = (f"this worker's key file names another server key; use the {self.name}.key that "
+                           f"`coordinator keys` wrote next to its server.key" if self.keyed else
+                           "the peer closed the connection during the handshake: a coordinator that expects "
+                           "encrypted workers (start this one with --curve-keys), a wrong host or port (not a "
+                           "lockstep coordinator), or a proxy or firewall in between")
+                    raise _LinkDown(f"the handshake with {self.endpoint} failed {self.failures} times: {why}", 2)
 
     def close(self) -> None:
         try:
@@ -335,6 +342,9 @@ def _dispatch(sock: zmq.Socket, name: str, handlers: dict[str, Handler], msg: An
         counters.update(shm_tensors=ring.tensors, shm_bytes=ring.bytes, shm_full=ring.full)
     if msg.op == "shutdown":
         sock.send_multipart(encode("reply", msg.id, msg.op, {"ok": True, **counters}))
+        refused = msg.body.get("refused") if isinstance(msg.body, dict) else None
+        if refused:   # the coordinator never accepted this worker: say why, exit as a usage problem
+            raise _LinkDown(f"the coordinator refused this worker: {str(refused)[:500]}", 2)
         raise _Shutdown
     if msg.op == "ping":
         sock.send_multipart(encode("reply", msg.id, msg.op, {"t": time.time(), **counters}))
@@ -364,7 +374,7 @@ def _dispatch(sock: zmq.Socket, name: str, handlers: dict[str, Handler], msg: An
             print(f"[{name}] op {msg.op}: handler {t1 - t0:.3f} s (waited for credit {rctx.waited_s:.3f} s), "
                   f"encode {time.perf_counter() - t1:.3f} s, {rctx.partials} partials, {len(frames) - 1} frames",
                   file=sys.stderr, flush=True)
-    except Exception as exc:  # every handler failure crosses as text
+    except (Exception, SystemExit) as exc:  # every handler failure crosses as text (a user's sys.exit() too)
         print(f"[{name}] op {msg.op} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         err = RemoteError.from_exception(exc, name, msg.op)
         frames = encode("error", msg.id, msg.op, err.to_body())

@@ -3,12 +3,13 @@
 Run as ``python tests/fake_worker.py <flavor> --connect ...`` where flavor is ``torch``
 (Linear weights stored [out, in]) or ``paddle`` ([in, out]). Faults are injected with
 ``LOCKSTEP_FAKE_FAULT_<FLAVOR>``, a comma list of:
-  exit-before-hello, wrong-version, wrong-framework, kill@<op>, exit@<op>, hang@<op>,
+  exit-before-hello, wrong-version, wrong-framework, bad-hello, kill@<op>, exit@<op>, hang@<op>,
   nan@forward, bug@forward (paddle computes with a wrong bias), garbage@<op>.
 Robustness faults (tests/test_faults.py): <op> may also be ``hello`` (before HELLO) or
 ``forward-partial`` (after the first partial reply was sent, i.e. while replying);
   hangnoterm@<op>   ignore SIGTERM and spin in C holding the GIL (a stuck extension)
   slow=<s>@<op>     sleep <s> seconds (default 30), then carry on
+  sysexit=<n>@<op>  raise SystemExit(n) inside the op (a user's factory or model calling sys.exit)
   silent-before-hello  never connect
   garbageonly@forward  send a malformed message instead of the reply, then hang
   dup@forward, stale@forward  an extra duplicate reply / a reply with a stale request id
@@ -68,6 +69,8 @@ def fault(op: str) -> None:
                 sum(itertools.repeat(1, 10**12))
         if what == "slow":
             time.sleep(float(arg or 30))
+        if what == "sysexit":   # user code calling sys.exit() inside an op
+            raise SystemExit(int(arg or 3))
 
 
 class FakeAdapter(Adapter):
@@ -79,8 +82,11 @@ class FakeAdapter(Adapter):
     def hello(self) -> dict:
         fault("hello")
         fw = "tensorflow" if "wrong-framework" in FAULTS else FLAVOR
-        return {"framework": fw, "framework_version": "fake-0", "device": "cpu",
+        info = {"framework": fw, "framework_version": "fake-0", "device": "cpu",
                 "threads": int(os.environ.get("LOCKSTEP_THREADS") or 0) or None}
+        if "bad-hello" in FAULTS:   # fields of the wrong type, as a rogue peer could send
+            info.update(device_uuid={"a": 1}, threads="two", determinism={"x": [1, 2]})
+        return info
 
     def op_load_model(self, body: dict, ctx) -> dict:
         fault("load_model")

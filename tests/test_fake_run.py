@@ -39,7 +39,7 @@ def test_a_long_run_path_socket_in_a_temp_directory_is_removed_too(tmp_path, mon
     sock = Path(session.endpoint[len("ipc://"):])
     assert sock.parent.parent == tmp_path and sock.exists()
     session.close()
-    assert not sock.parent.exists()
+    assert not sock.parent.exists() and not (deep / ".sock").exists()
 
 
 def test_forward_divergence_is_flagged_and_named(fake_run):

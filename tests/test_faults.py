@@ -319,6 +319,30 @@ def test_hello_from_the_wrong_framework_is_refused_before_weights_move(runs):
     assert_no_workers_left(run)
 
 
+def test_sys_exit_inside_an_op_is_that_op_failing_not_the_worker_dying(runs):
+    """A user's code calling sys.exit() in an op: a worker error naming the op (exit 7), the worker
+    still alive to be shut down, instead of a worker death (exit 4)."""
+    run = runs("--steps", "weights,forward", paddle="sysexit=3@forward")
+    assert run.wait() == ExitCode.WORKER_ERROR, run.stdout
+    assert "paddle worker failed in op 'forward': SystemExit: 3" in " ".join(run.stdout.split())
+    assert_no_workers_left(run)
+
+
+def test_a_hello_with_fields_of_the_wrong_type_is_a_protocol_error_not_a_crash(runs):
+    """A HELLO is data from the network: device_uuid as a map (unhashable) crashed the GPU check
+    with a TypeError and exit 1; now it is exit 6 naming the worker and the fields, with a closed
+    report (the control: the same run without the fault passes, test_fake_run)."""
+    run = runs("--steps", "weights", torch="bad-hello")
+    assert run.wait() == ExitCode.PROTOCOL, run.stdout
+    text = " ".join(run.stdout.split())
+    assert "torch worker sent a malformed HELLO ('threads' is a str; 'determinism' holds more than name: value " \
+           "pairs; 'device_uuid' is a dict)" in text and "Traceback" not in run.stdout
+    s = run.summary()
+    assert s["status"] == "error" and s["exit_code"] == ExitCode.PROTOCOL
+    assert "op get_weights" not in run.log("paddle")
+    assert_no_workers_left(run)
+
+
 # -- protocol faults during a run --------------------------------------------------------------
 def test_garbage_before_the_real_reply_is_counted_and_dropped(runs):
     run = runs("--steps", "weights,forward", paddle="garbage@forward")

@@ -83,8 +83,7 @@ def start_coordinator(procs, tmp_path: Path, endpoint: str, *extra: str, steps: 
 def fake_worker(procs, tmp_path: Path, flavor: str, endpoint: str, keyfile: Path | None, **faults: str
                 ) -> subprocess.Popen:
     argv = [sys.executable, FAKE, flavor, "--connect", endpoint]
-    if keyfile is not None:
-        argv += ["--curve-keys", str(keyfile)]
+    argv += ["--curve-keys", str(keyfile)] if keyfile is not None else ["--insecure"]
     return spawn(procs, argv, tmp_path / f"{flavor}-{len(procs)}.out", env=fake_env(**faults))
 
 
@@ -154,6 +153,19 @@ def test_key_file_errors_name_the_field_never_the_value(tmp_path):
         read_key_file(str(key_file(tmp_path / "b2.key", public="a")), ["public", "server"])
 
 
+def test_a_key_file_whose_public_and_secret_do_not_belong_together_is_refused(keys, tmp_path):
+    """A secret edited or pasted from another file made only a vague handshake failure later; now
+    the file is refused when read (the control: the file `coordinator keys` wrote is accepted)."""
+    import zmq
+    good = fields(keys / "torch.key")
+    assert read_key_file(str(keys / "torch.key"), ["public", "secret", "server"])
+    _, other_secret = zmq.curve_keypair()
+    mixed = key_file(tmp_path / "mixed.key", public=good["public"], secret=other_secret.decode(), server=good["server"])
+    with pytest.raises(KeyFileError, match="its public key is not the one of its secret key") as exc:
+        read_key_file(str(mixed), ["public", "secret", "server"])
+    assert other_secret.decode() not in str(exc.value) and good["public"] not in str(exc.value)
+
+
 # -- a full remote run -------------------------------------------------------------------------
 def test_remote_workers_with_keys_run_weights_and_forward(keys, tmp_path, procs):
     endpoint = f"tcp://127.0.0.1:{free_port()}"
@@ -190,14 +202,43 @@ def test_remote_run_still_flags_a_divergent_migration(keys, tmp_path, procs):
     assert fwd["name"] == "forward" and not fwd["passed"] and "logits" in fwd["message"]
 
 
-def test_loopback_without_keys_is_allowed(tmp_path, procs):
+def test_loopback_without_keys_needs_insecure_on_both_ends(tmp_path, procs):
+    """Any local user can reach (or bind first) a loopback port: plaintext TCP is opt-in there too,
+    for the coordinator and for each worker; with --insecure on both the run aligns (the control),
+    and the worker commands it prints carry --insecure and a loopback address that works."""
     endpoint = f"tcp://127.0.0.1:{free_port()}"
-    coord, out, log = start_coordinator(procs, tmp_path, endpoint)
+    refused = coordinator(["run", "--listen", endpoint, "--steps", "weights", "--out", str(tmp_path / "no")],
+                          env=fake_env(), timeout=30)
+    assert refused.returncode == ExitCode.USAGE, refused.stdout
+    assert "without --curve-keys: any local user could connect to it" in " ".join(refused.stdout.split())
+    bare = subprocess.run([sys.executable, FAKE, "torch", "--connect", endpoint], capture_output=True, text=True,
+                          env=fake_env(), timeout=30)
+    assert bare.returncode == 2 and "whoever listens on that port could command this worker" in bare.stderr
+    worker = coordinator(["worker", "torch", "--connect", endpoint], env=fake_env(), timeout=30)
+    assert worker.returncode == ExitCode.USAGE and "any local user who binds that port first" in worker.stderr
+    coord, out, log = start_coordinator(procs, tmp_path, endpoint, "--insecure")
     fake_worker(procs, tmp_path, "torch", endpoint, None)
     fake_worker(procs, tmp_path, "paddle", endpoint, None)
     code, text = finish(coord, log)
     assert code == ExitCode.ALIGNED, text
     assert load_summary(out)["security"]["curve"] is False
+    assert f"coordinator worker torch --connect {endpoint} --insecure" in text
+
+
+def test_printed_worker_commands_for_an_ephemeral_loopback_port_and_for_ipc(tmp_path):
+    """tcp://127.0.0.1:0 reports itself as [::ffff:127.0.0.1]:PORT: still loopback, printed as
+    127.0.0.1; an ipc listener prints its own ipc:// path, not a tcp:// one."""
+    proc = coordinator(["run", "--listen", "tcp://127.0.0.1:0", "--insecure", "--steps", "weights",
+                        "--out", str(tmp_path / "t"), "--hello-timeout", "1"], env=fake_env(), timeout=30)
+    assert proc.returncode == ExitCode.ENVIRONMENT, proc.stdout
+    line = proc.stdout.split("coordinator worker torch --connect ", 1)[1].splitlines()[0]
+    assert line.startswith("tcp://127.0.0.1:") and line.endswith(" --insecure") and ":0 " not in line
+    sock = tmp_path / "c.sock"
+    proc = coordinator(["run", "--listen", f"ipc://{sock}", "--steps", "weights", "--out", str(tmp_path / "i"),
+                        "--hello-timeout", "1"], env=fake_env(), timeout=30)
+    assert proc.returncode == ExitCode.ENVIRONMENT, proc.stdout
+    assert f"coordinator worker torch --connect ipc://{sock}\n" in proc.stdout
+    assert not sock.exists()   # the socket file its bind created is removed with the session
 
 
 # -- who does not get in ------------------------------------------------------------------------
@@ -232,11 +273,14 @@ def test_intruder_gets_no_message_through_and_the_coordinator_says_why(keys, tmp
                                         hello_timeout=4)
     fake_worker(procs, tmp_path, "torch", endpoint, keys / "torch.key")          # the control: it gets in
     intruder = fake_worker(procs, tmp_path, "paddle", endpoint, _intruder_keys(keys, tmp_path, kind))
+    said = tmp_path / f"paddle-{len(procs) - 1}.out"
     if kind != "torch's key as paddle":   # a valid key gets through the handshake; its messages are dropped
         assert intruder.wait(30) == ExitCode.USAGE
-        said = (tmp_path / f"paddle-{len(procs) - 1}.out").read_text()
-        assert "refused the connection" in said, said
+        assert "refused the connection" in said.read_text() or "handshake with" in said.read_text(), said.read_text()
     code, text = finish(coord, log)
+    if kind == "torch's key as paddle":   # ... and it is told so when the run ends, instead of exiting 0
+        assert intruder.wait(30) == ExitCode.USAGE
+        assert "the coordinator refused this worker: no HELLO was accepted from a paddle worker" in said.read_text()
     assert code == ExitCode.ENVIRONMENT, text
     assert "no HELLO from paddle worker within 4s" in text
     assert why in text, text
@@ -272,6 +316,21 @@ def test_worker_command_refuses_plaintext_to_another_host():
     assert proc.returncode == ExitCode.USAGE and "--insecure" in proc.stderr, proc.stderr
 
 
+def test_worker_command_says_when_its_worker_process_was_killed(tmp_path):
+    """`coordinator worker` exits 128+N for a worker killed by signal N, and says so (it was silent)."""
+    proc = coordinator(["worker", "torch", "--connect", f"ipc://{tmp_path}/none"], env=fake_env(torch="kill@hello"),
+                       timeout=60)
+    assert proc.returncode == 128 + 9, proc.stderr
+    assert "was killed by SIGKILL; exit 137" in proc.stderr
+
+
+def test_a_device_flag_that_remote_workers_would_ignore_is_refused(tmp_path):
+    proc = coordinator(["run", "--listen", "ipc://" + str(tmp_path / "s"), "--torch-device", "cuda:0",
+                        "--steps", "weights", "--out", str(tmp_path / "r")], env=fake_env(), timeout=30)
+    assert proc.returncode == ExitCode.USAGE, proc.stdout
+    assert "each remote worker picks its own: coordinator worker torch --device cuda:N" in " ".join(proc.stdout.split())
+
+
 def test_curve_keys_without_listen_is_a_usage_error(keys, tmp_path):
     proc = coordinator(["run", "--curve-keys", str(keys / "server.key"), "--steps", "weights",
                         "--out", str(tmp_path / "r")], env=fake_env(), timeout=30)
@@ -289,7 +348,8 @@ def _wait_for(path: Path, timeout: float = 30) -> None:
 
 def _stamped_worker(procs, tmp_path: Path, flavor: str, endpoint: str, keyfile: Path | None, **faults: str):
     env = dict(fake_env(**faults), LOCKSTEP_FAKE_STAMP_DIR=str(tmp_path))
-    argv = [sys.executable, FAKE, flavor, "--connect", endpoint] + (["--curve-keys", str(keyfile)] if keyfile else [])
+    argv = [sys.executable, FAKE, flavor, "--connect", endpoint] + (["--curve-keys", str(keyfile)] if keyfile
+                                                                     else ["--insecure"])
     return spawn(procs, argv, tmp_path / f"{flavor}.out", env=env)
 
 
@@ -340,7 +400,7 @@ def test_ipv6_loopback_listens(tmp_path, procs):
     except OSError:
         pytest.skip("no IPv6 loopback on this host")
     endpoint = f"tcp://[::1]:{port}"
-    coord, out, log = start_coordinator(procs, tmp_path, endpoint)
+    coord, out, log = start_coordinator(procs, tmp_path, endpoint, "--insecure")
     fake_worker(procs, tmp_path, "torch", endpoint, None)
     fake_worker(procs, tmp_path, "paddle", endpoint, None)
     code, text = finish(coord, log)

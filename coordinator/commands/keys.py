@@ -12,7 +12,7 @@ import click
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--force", is_flag=True, help="replace keys that already exist in DIRECTORY")
 def command(directory: Path, force: bool) -> None:
-    """Write server.key, torch.key and paddle.key (each 0600) into DIRECTORY (0700).
+    """Write server.key, torch.key and paddle.key (each 0600) into DIRECTORY (made 0700 if new).
 
     server.key stays with `coordinator run --listen ... --curve-keys server.key`; copy
     torch.key and paddle.key (scp, never a chat or a command line) to the hosts that run

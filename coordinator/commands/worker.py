@@ -49,9 +49,13 @@ def command(framework: str, connect: str, curve_keys: str | None, insecure: bool
 
 def _run_worker(framework: str, connect: str, curve_keys: str | None, insecure: bool, device: str,
                 env_set: str | None, threads: int, no_create: bool) -> int:
-    from ..placement import worker_env
+    from ..placement import nvidia_driver_present, worker_env
     from ..security import WORKER_FIELDS, check_transport, read_key_file
     _check_device(framework, device)
+    if device != "cpu" and not nvidia_driver_present():   # before a GPU environment (GBs) is built for nothing
+        from ..errors import EnvironmentProblem
+        raise EnvironmentProblem(f"--device {device}: this host has no NVIDIA GPU driver (no "
+                                 f"/proc/driver/nvidia/version, no nvidia-smi); use --device cpu here")
     warning = check_transport(connect, bool(curve_keys), insecure, "--connect")
     if warning:
         click.echo(warning, err=True)
@@ -64,6 +68,8 @@ def _run_worker(framework: str, connect: str, curve_keys: str | None, insecure: 
         argv += ["--connect", connect, "--name", framework, "--parent-pid", str(os.getpid())]
         if keys:
             argv += ["--curve-keys", "-"]
+        elif connect.startswith("tcp://"):
+            argv += ["--insecure"]   # checked above, with the user's own flag
         click.echo(f"[{framework}] {argv[0]} on {device} (env set {env_set}, {env['LOCKSTEP_THREADS']} threads) -> "
                    f"{connect} ({'CURVE' if keys else 'no encryption'})", err=True)
         return _supervise(argv, env, keys)
@@ -123,4 +129,10 @@ def _supervise(argv: list[str], env: dict[str, str], keys: dict[str, bytes] | No
                     proc.kill()
     finally:
         signal.signal(signal.SIGTERM, old)
+    if code < 0:
+        try:
+            what = signal.Signals(-code).name
+        except ValueError:
+            what = f"signal {-code}"
+        click.echo(f"the worker process ({argv[0]}) was killed by {what}; exit {128 - code}", err=True)
     return 128 - code if code < 0 else code
