@@ -204,6 +204,7 @@ def serve(name: str, endpoint: str, handlers: dict[str, Handler], hello: dict[st
             if not pending and link is not None:
                 while not sock.poll(200):   # a remote worker watches its connection between requests
                     link.check()
+                    link.say_if_still_waiting()
                 link.check()
             frames = pending.pop(0) if pending else sock.recv_multipart(copy=False)
             try:
@@ -287,6 +288,17 @@ class _Link:
         self.name, self.endpoint = name, endpoint
         self.up = False
         self.failures = 0
+        self.started = time.monotonic()
+        self.next_note = float(os.environ.get("LOCKSTEP_WORKER_WAIT_NOTE_S") or 10.0)
+
+    def say_if_still_waiting(self) -> None:
+        """No handshake yet after 10 s, 20 s, 40 s, ...: say so (a wrong host or port is otherwise
+        indistinguishable from a coordinator that is still starting)."""
+        waited = time.monotonic() - self.started
+        if not self.up and waited >= self.next_note:
+            print(f"[{self.name}] no connection to a coordinator at {self.endpoint} after {waited:.0f}s; still "
+                  f"trying (is it running, are the host and port right? Ctrl-C stops)", file=sys.stderr, flush=True)
+            self.next_note *= 2
 
     def check(self) -> None:
         from zmq.utils.monitor import recv_monitor_message

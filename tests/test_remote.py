@@ -324,6 +324,26 @@ def test_worker_command_says_when_its_worker_process_was_killed(tmp_path):
     assert "was killed by SIGKILL; exit 137" in proc.stderr
 
 
+def test_a_worker_with_no_coordinator_says_it_is_still_waiting_and_stops_quietly_on_ctrl_c(tmp_path):
+    """A wrong port looked like a hang: the worker now says so after a while (10 s, here 0.3 s),
+    and Ctrl-C in its terminal ends it with exit 130 and one line, not a traceback."""
+    import signal
+    import time
+    env = dict(fake_env(), LOCKSTEP_WORKER_WAIT_NOTE_S="0.3")
+    p = subprocess.Popen([sys.executable, FAKE, "torch", "--connect", f"tcp://127.0.0.1:{free_port()}", "--insecure"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        time.sleep(2.5)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=20)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err
+    assert "no connection to a coordinator at tcp://127.0.0.1:" in err and "still trying" in err
+    assert "interrupted (Ctrl-C); exiting" in err and "Traceback" not in err
+
+
 def test_a_device_flag_that_remote_workers_would_ignore_is_refused(tmp_path):
     proc = coordinator(["run", "--listen", "ipc://" + str(tmp_path / "s"), "--torch-device", "cuda:0",
                         "--steps", "weights", "--out", str(tmp_path / "r")], env=fake_env(), timeout=30)
