@@ -453,3 +453,19 @@ def test_reprod_log_reads_our_lr_and_metric_files_and_agrees(which, request, tmp
                          "--method", "max", "--threshold", threshold])
         assert c.returncode == (ExitCode.ALIGNED if which == "aligned" else ExitCode.DIVERGED), c.stdout
         assert strip(c.stdout.splitlines()[:len(ours)]) == ours
+
+
+def test_diff_log_lists_keys_in_the_npy_files_order_as_reprod_log_does(tmp_path):
+    """reprod_log reports in the order of the reference file's keys; a step that compared them in
+    another order (train: acc first) still writes its log in the file's order."""
+    from types import SimpleNamespace
+    from coordinator.compare import Tolerance, compare
+    from coordinator.steps.common import finish
+    t = {"loss_0": np.float32(1.0), "loss_1": np.float32(0.5), "acc": np.float64(0.75)}
+    p = dict(t)
+    diffs = [compare("acc", t["acc"], p["acc"], Tolerance(0, "max"))] + \
+        [compare(k, t[k], p[k], Tolerance(0, "max")) for k in ("loss_0", "loss_1")]
+    finish(SimpleNamespace(out=tmp_path), "train", t, p, diffs, Tolerance(0, "max"))
+    names = [ln.split("INFO: ")[1].rstrip(": ") for ln in (tmp_path / "train_diff.log").read_text().splitlines()
+             if ln.endswith(": ")]
+    assert names == ["loss_0", "loss_1", "acc"] == list(load_reprod_npy(tmp_path / "train_torch.npy"))

@@ -143,7 +143,8 @@ def finish(rc: RunContext, step: str, torch_d: dict[str, Any], paddle_d: dict[st
     is on all of them."""
     save_npy(rc.out / f"{step}_torch.npy", torch_d)
     save_npy(rc.out / f"{step}_paddle.npy", paddle_d)
-    in_npy = [d for d in diffs if d.name in torch_d or d.name in paddle_d]
+    order = {k: i for i, k in enumerate(list(torch_d) + [k for k in paddle_d if k not in torch_d])}
+    in_npy = sorted((d for d in diffs if d.name in order), key=lambda d: order[d.name])  # reprod_log's order
     write_report(rc.out / f"{step}_diff.log", in_npy, tol.method, tol.threshold)
     others = [d for d in diffs if d.name not in torch_d and d.name not in paddle_d]
     if others:
