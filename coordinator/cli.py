@@ -376,14 +376,22 @@ def _tolerance_keys() -> list[str]:
 
 def _parse_params(kw) -> dict:
     from .errors import UsageError
-    from .params import coerce, resolve
-    over = {k: kw[k] for k in OPTION_PARAMS}
+    from .params import check, coerce, resolve
+    over = {}
+    for k in OPTION_PARAMS:   # --lr X is --param lr=X: the same checks
+        try:
+            over[k] = check(k, kw[k])
+        except UsageError as exc:
+            raise UsageError(f"--{k.replace('_', '-')}: {exc}") from None
     over["data"] = str(kw["data"].resolve()) if kw["data"] else None
     for item in kw["params"]:
         key, sep, value = item.partition("=")
         if not sep:
             raise UsageError(f"--param {item!r}: use KEY=VALUE")
         over[key] = coerce(key, value)
+    for key in ("dev_data", "layer_map"):   # recorded absolute in summary.json: the run can be repeated
+        if over.get(key):                    # from anywhere (and a remote worker gets a full path)
+            over[key] = str(Path(over[key]).resolve())
     return resolve(over)
 
 

@@ -51,6 +51,43 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+# Counts and sizes a step cannot do without: 0 would make it compare nothing and still pass.
+MINIMUM: dict[str, float] = {
+    "batch_size": 1, "max_length": 2, "total_steps": 1, "iters": 1, "fake_seq_len": 1, "epochs": 1,
+    "train_log_every": 1, "perf_steps": 1, "perf_seq_len": 2, "metric_batches": 1, "metric_batch": 1,
+}
+POSITIVE = ("lr", "train_lr")   # a learning rate of 0 trains nothing: every update would trivially agree
+CHOICES: dict[str, tuple[str, ...]] = {"dropout": ("off", "shared", "native"), "lr_cosine": ("matched", "guide")}
+SCHEDULES = ("linear", "cosine", "polynomial")
+
+
+def check(key: str, value: Any) -> Any:
+    """A parameter's value in its usable range, whether it came from ``--param`` or its own flag
+    (``--lr``, ``--iters``, ...); UsageError naming it otherwise (before any worker starts)."""
+    if value is None:
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not value >= 0 or value == float("inf"):   # NaN fails >= as well
+            raise UsageError(f"parameter {key}={value!r}: expected a finite number >= 0")
+        if key in MINIMUM and value < MINIMUM[key]:
+            raise UsageError(f"parameter {key}={value!r}: must be at least {MINIMUM[key]:g} (with less the step "
+                             f"would compare nothing)")
+        if key in POSITIVE and value <= 0:
+            raise UsageError(f"parameter {key}={value!r}: must be > 0 (a zero learning rate trains nothing)")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise UsageError(f"parameter {key}={value!r}: expected one of {', '.join(CHOICES[key])}")
+    if key == "schedules":
+        names = [s.strip() for s in str(value).split(",") if s.strip()]
+        bad = [s for s in names if s not in SCHEDULES]
+        if bad or not names:
+            raise UsageError(f"parameter schedules={value!r}: a comma list of {', '.join(SCHEDULES)}")
+    if key == "backward_tensors" and value not in ("ends", "all"):
+        parts = [p.strip() for p in str(value).split(",")]
+        if not all(p.isdigit() for p in parts):
+            raise UsageError(f"parameter backward_tensors={value!r}: ends, all, or iteration numbers like 0,3,9")
+    return value
+
+
 def coerce(key: str, value: str) -> Any:
     if key not in DEFAULTS:
         raise UsageError(f"unknown parameter {key!r} (known: {', '.join(sorted(DEFAULTS))})")
@@ -67,10 +104,11 @@ def coerce(key: str, value: str) -> Any:
             number = int(value) if isinstance(default, int) else float(value)
             if not number >= 0 or number == float("inf"):   # every numeric parameter is a size, count or rate
                 raise UsageError(f"parameter {key}={value!r}: expected a finite number >= 0")
-            return number
+            return check(key, number)
     except ValueError:
-        raise UsageError(f"parameter {key}={value!r}: expected a {type(default).__name__}") from None
-    return value
+        kind = {"int": "an integer", "float": "a number"}.get(type(default).__name__, type(default).__name__)
+        raise UsageError(f"parameter {key}={value!r}: expected {kind}") from None
+    return check(key, value)
 
 
 def resolve(overrides: dict[str, Any]) -> dict[str, Any]:

@@ -260,6 +260,18 @@ def test_a_step_that_raises_is_an_internal_error_not_a_divergence(tmp_path, monk
     (["--steps", "forward", "--mapping", "{typo}"], "unknown table or key 'renames'; did you mean 'rename'?"),
     (["--steps", "forward", "--param", "layers_backward=ture"], "layers_backward='ture': expected true or false"),
     (["--steps", "forward", "--param", "layers_hold_mib=-5"], "layers_hold_mib='-5': expected a finite number >= 0"),
+    # sizes that would make a step compare nothing (and pass), through --param or the dedicated flags
+    (["--steps", "forward", "--iters", "0"], "--iters: parameter iters=0: must be at least 1"),
+    (["--steps", "forward", "--iters", "-1"], "--iters: parameter iters=-1: expected a finite number >= 0"),
+    (["--steps", "forward", "--epochs", "0"], "--epochs: parameter epochs=0: must be at least 1"),
+    (["--steps", "forward", "--batch-size", "-1"], "--batch-size: parameter batch_size=-1"),
+    (["--steps", "forward", "--lr", "nan"], "--lr: parameter lr=nan: expected a finite number >= 0"),
+    (["--steps", "forward", "--param", "lr=0"], "parameter lr=0.0: must be > 0"),
+    (["--steps", "forward", "--param", "perf_steps=0"], "parameter perf_steps=0: must be at least 1"),
+    (["--steps", "forward", "--param", "iters=1.5"], "iters='1.5': expected an integer"),
+    (["--steps", "forward", "--param", "backward_tensors=foo"], "ends, all, or iteration numbers like 0,3,9"),
+    (["--steps", "forward", "--param", "dropout=bogus"], "expected one of off, shared, native"),
+    (["--steps", "forward", "--param", "schedules=linear,cosin"], "a comma list of linear, cosine, polynomial"),
     (["--steps", "forward", "--param", "layer_map={file}.missing"], "afile.missing: no such file"),
     (["--steps", "forward", "--param", "dev_data={file}"], "afile:1: header has no"),
 ])

@@ -101,6 +101,26 @@ def test_backward_tensor_iterations_setting():
             tensor_iterations(bad, 10)
 
 
+def test_the_default_parameter_tolerance_follows_an_adam_lr_above_the_guides():
+    """A correct port at lr 5e-4 moves parameters 2e-5 apart (Adam's ~lr steps on near-zero
+    gradients): the default 5e-6 grows with lr for Adam-type optimizers only, never below 5e-6,
+    and a tolerance the user gave is kept as given."""
+    from types import SimpleNamespace
+    from coordinator.steps.backward import DEFAULTS, tolerances
+
+    def tol(optim, given=None):
+        rc = SimpleNamespace(opts=SimpleNamespace(tolerances=given or {}))
+        rc.tol = lambda key, default: rc.opts.tolerances.get(key, default)
+        return tolerances(rc, optim)["param"].threshold
+    assert tol({"type": "adamw", "lr": 3e-5}) == DEFAULTS["param"].threshold == 5e-6
+    assert tol({"type": "adamw", "lr": 1e-6}) == 5e-6
+    assert tol({"type": "adamw", "lr": 5e-4}) == pytest.approx(5e-6 * 5e-4 / 3e-5)
+    assert tol({"type": "adam", "lr": 6e-5}) == pytest.approx(1e-5)
+    assert tol({"type": "sgd", "lr": 1e-2}) == 5e-6                      # SGD's step is lr x gradient
+    assert tol({"type": "adamw", "lr": 5e-4}, {"backward.param": Tolerance(1e-6, "max")}) == 1e-6
+    assert tol({"type": "adamw", "lr": 5e-4}, {"backward": Tolerance(2e-6, "max")}) == 2e-6
+
+
 class _Rc:
     """Just enough of a RunContext for run_then_restore: converted weights, a snapshot to restore."""
 

@@ -32,12 +32,24 @@ DEFAULTS = {"loss": Tolerance(1e-5, "max"), "grad": Tolerance(1e-5, "max"), "par
             "lr": Tolerance(0.0, "max")}
 
 
-def tolerances(rc: RunContext) -> dict[str, Tolerance]:
-    """``backward.<kind>`` beats ``backward`` (grad and param only) beats the default."""
+GUIDE_LR = 3e-5   # the lr the default parameter tolerance was set for (docs/training.md)
+
+
+def tolerances(rc: RunContext, optim: dict | None = None) -> dict[str, Tolerance]:
+    """``backward.<kind>`` beats ``backward`` (grad and param only) beats the default.
+
+    The default parameter tolerance grows with an Adam-type optimizer's lr above the guide's:
+    Adam moves a parameter by about lr whatever its gradient's size, so two gradients that agree
+    to 1e-8 but are both near zero can still move their parameter apart by a fraction of lr (a
+    correct port at lr 5e-4 reaches 2e-5). The eps bug it is there to catch scales with lr too."""
     out = {}
     for kind, default in DEFAULTS.items():
         base = rc.tol("backward", default) if kind in ("grad", "param") else default
         out[kind] = rc.tol(f"backward.{kind}", base)
+    given = {"backward", "backward.param"} & set(rc.opts.tolerances)
+    lr = float((optim or {}).get("lr", 0.0))
+    if not given and (optim or {}).get("type") in ("adam", "adamw") and lr > GUIDE_LR:
+        out["param"] = Tolerance(DEFAULTS["param"].threshold * lr / GUIDE_LR, DEFAULTS["param"].method)
     return out
 
 
@@ -74,9 +86,14 @@ def run(rc: RunContext) -> StepResult:
 
 
 def _run(rc: RunContext) -> StepResult:
-    iters, mode, tols = int(rc.param("iters")), dropout_mode(rc), tolerances(rc)
+    iters, mode = int(rc.param("iters")), dropout_mode(rc)
     checked = tensor_iterations(rc.param("backward_tensors"), iters)
     t_setup, p_setup, decay_check = setup_both(rc, float(rc.param("lr")), mode)
+    tols = tolerances(rc, rc.cache["optim"])
+    if tols["param"].threshold != DEFAULTS["param"].threshold and "backward.param" not in rc.opts.tolerances \
+            and "backward" not in rc.opts.tolerances:
+        rc.say(f"  parameter tolerance {tols['param'].threshold:.3g}: the default {DEFAULTS['param'].threshold:g} "
+               f"scaled by lr {rc.cache['optim']['lr']:g} / {GUIDE_LR:g} (Adam moves parameters by ~lr)")
     inputs, labels = batch(rc)
     if checked:  # every gradient and parameter comes back at once: fault their pages in now, both sides
         rc.session.warm_rings({"torch": 2 * _nbytes(rc.cache.get("torch_weights")),

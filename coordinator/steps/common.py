@@ -107,13 +107,19 @@ def training_labels(rc: RunContext, inputs: dict[str, np.ndarray], seed_offset: 
     return np.random.RandomState(rc.opts.seed + seed_offset).randint(0, k, (n,)).astype(np.int64)
 
 
+def check_seq_len(tinfo: dict, name: str, seq: int) -> None:
+    """A sequence length the model has positions for (BERT: max_position_embeddings, 512): longer
+    would fail deep inside both frameworks; refused as the command line's fault (exit 2)."""
+    limit = int((tinfo.get("config") or {}).get("max_position_embeddings", 512))
+    if not 1 <= seq <= limit:
+        raise UsageError(f"--param {name}={seq}: must be 1..{limit} (the model's max_position_embeddings)")
+
+
 def default_bert_inputs(tinfo: dict, seq: int = 64) -> list[dict]:
     """The guide's fake batch for BERT-like presets: 4 x ``seq`` (``--param fake_seq_len``)."""
     config = tinfo.get("config") or {}
     vocab = int(config.get("vocab_size", 30522))
-    limit = int(config.get("max_position_embeddings", 512))
-    if not 1 <= seq <= limit:
-        raise UsageError(f"--param fake_seq_len={seq}: must be 1..{limit} (the model's max_position_embeddings)")
+    check_seq_len(tinfo, "fake_seq_len", seq)
     return [{"name": "input_ids", "shape": [4, seq], "dtype": "int64", "low": 1, "high": vocab},
             {"name": "token_type_ids", "shape": [4, seq], "dtype": "int64", "fill": 0},
             {"name": "attention_mask", "shape": [4, seq], "dtype": "int64", "fill": 1}]

@@ -16,7 +16,9 @@ import numpy as np
 
 from ..reprodlog import save_npy
 from ..runner import RunContext, StepResult
+from ..errors import UsageError
 from ._training import run_then_restore, setup_both
+from .common import check_seq_len
 
 
 def batch(rc: RunContext) -> tuple[dict[str, np.ndarray], np.ndarray]:
@@ -54,7 +56,8 @@ def _side(times: np.ndarray, samples: int, threads: int) -> dict:
 def _run(rc: RunContext) -> StepResult:
     warmup, steps, thr = int(rc.param("perf_warmup")), int(rc.param("perf_steps")), float(rc.param("perf_ratio"))
     if steps < 1:
-        raise ValueError(f"perf_steps must be >= 1 (got {steps})")
+        raise UsageError(f"--param perf_steps={steps}: must be >= 1")
+    check_seq_len(rc.model_info["torch"], "perf_seq_len", int(rc.param("perf_seq_len")))
     setup_both(rc, float(rc.param("train_lr")), "native")
     inputs, labels = batch(rc)
     body = {"inputs": inputs, "labels": labels, "warmup": warmup, "steps": steps}

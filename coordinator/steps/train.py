@@ -19,7 +19,7 @@ from ..compare import TensorDiff, Tolerance, compare
 from ..runner import RunContext, StepResult
 from ..tsv import DEMO_FILES, Split, read_tsv
 from ._training import DROPOUT_NOTE, dropout_mode, run_then_restore, setup_both
-from .common import finish
+from .common import check_seq_len, finish
 
 LOSS_TOL = Tolerance(1e-3, "max")
 
@@ -45,8 +45,9 @@ def _run(rc: RunContext) -> StepResult:
     bs, epochs, max_steps = int(rc.param("batch_size")), int(rc.param("epochs")), int(rc.param("train_max_steps"))
     per_epoch = -(-len(train) // bs)
     total = min(per_epoch * epochs, max_steps) if max_steps else per_epoch * epochs
-    t_setup, p_setup, decay_check = setup_both(rc, float(rc.param("train_lr")), mode)
     tinfo = rc.model_info["torch"]
+    check_seq_len(tinfo, "max_length", int(rc.param("max_length")))
+    t_setup, p_setup, decay_check = setup_both(rc, float(rc.param("train_lr")), mode)
     body = {"texts": train.sentences, "labels": np.asarray(train.labels, np.int64),
             "dev_texts": dev.sentences, "dev_labels": np.asarray(dev.labels, np.int64), "batch_size": bs,
             "epochs": epochs, "max_length": int(rc.param("max_length")), "max_steps": max_steps,
