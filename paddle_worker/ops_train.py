@@ -86,7 +86,7 @@ class TrainOps(WeightSnapshotOps):
         texts, labels = list(body["texts"]), np.asarray(body["labels"], dtype=np.int64)
         bs, max_len = int(body["batch_size"]), int(body["max_length"])
         max_steps = int(body.get("max_steps") or 0)
-        losses, crcs, t0, step = [], [], time.perf_counter(), 0
+        losses, crcs, calls, t0, step = [], [], [], time.perf_counter(), 0
         for epoch in range(int(body["epochs"])):
             for start in range(0, len(texts), bs):
                 if max_steps and step >= max_steps:
@@ -97,29 +97,33 @@ class TrainOps(WeightSnapshotOps):
                 loss = self._loss(inputs, from_numpy(labels[start:start + bs]))
                 st["opt"].step()
                 st["opt"].clear_grad()
-                st["dropout"].log.take()
+                calls.append(st["dropout"].log.take())   # checked against the other side's
                 losses.append(float(loss.item()))
                 crcs.append(crc)
                 ctx.partial({"step": step, "epoch": epoch, "loss": losses[-1], "ids_crc": crc})
                 step += 1
         sync(self.device)
         train_s = time.perf_counter() - t0
-        acc, preds = self._evaluate(tok, body["dev_texts"], body["dev_labels"], bs, max_len)
+        acc, preds, dev_crcs = self._evaluate(tok, body["dev_texts"], body["dev_labels"], bs, max_len)
         return {"losses": np.asarray(losses, np.float32), "ids_crc": np.asarray(crcs, np.int64),
-                "steps": step, "train_seconds": train_s, "acc": acc, "preds": preds}
+                "steps": step, "train_seconds": train_s, "acc": acc, "preds": preds,
+                "dev_ids_crc": np.asarray(dev_crcs, np.int64), "dropout_calls": calls}
 
-    def _evaluate(self, tok: Any, texts: list[str], labels: Any, bs: int, max_len: int) -> tuple[float, np.ndarray]:
+    def _evaluate(self, tok: Any, texts: list[str], labels: Any, bs: int, max_len: int
+                  ) -> tuple[float, np.ndarray, list[int]]:
+        """Dev accuracy, the predictions, and each dev batch's input-ids crc (tokenization checked too)."""
         model = self._need_model()
         model.eval()
-        preds = []
+        preds, crcs = [], []
         with paddle.no_grad():
             for start in range(0, len(texts), bs):
                 enc = encode_batch(tok, texts[start:start + bs], max_len)
+                crcs.append(zlib.crc32(enc["input_ids"].tobytes()))
                 logits = _models.forward(model, self.model_info, {k: from_numpy(v) for k, v in enc.items()})["logits"]
                 preds.append(to_numpy(logits.argmax(-1)))
         p = np.concatenate(preds).astype(np.int64) if preds else np.zeros(0, np.int64)
         y = np.asarray(labels, dtype=np.int64)
-        return (float((p == y).mean()) if len(y) else 0.0), p
+        return (float((p == y).mean()) if len(y) else 0.0), p, crcs
 
     def op_perf(self, body: dict, ctx: Any) -> dict:
         """Time full training steps (forward, backward, update) on one batch after warm-up."""

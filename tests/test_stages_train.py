@@ -186,3 +186,19 @@ def test_train_with_unshared_dropout_fails_on_the_losses(tmp_path, tiny_data):
     if tr["details"]["acc_diff"] <= tr["details"]["acc_threshold"]:   # only the losses failed: they are the figure
         assert tr["worst"] == tr["details"]["loss_max_diff"]
     assert np.isfinite(tr["details"]["acc_torch"])
+
+
+@pytest.mark.timeout(300)
+def test_train_with_shared_dropout_names_the_first_differing_mask(tmp_path, tiny_data):
+    """train checks each step's dropout calls as backward does: a port ignoring the shared masks
+    is named at step 1, call #0, not only as a loss that drifts."""
+    out = tmp_path / "train_mask"
+    proc = real_run(["--steps", "train", "--data", str(tiny_data / "train.tsv"), "--dropout", "shared",
+                     "--param", f"dev_data={tiny_data / 'dev.tsv'}", "--param", "train_max_steps=2",
+                     "--paddle-inject", "dropout_native"], out)
+    assert proc.returncode == ExitCode.DIVERGED, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tr = _step(out, "train")
+    assert "step 1: dropout call #0" in tr["message"] and "paddle used native dropout" in tr["message"]
+    ok = real_run(["--steps", "train", "--data", str(tiny_data / "train.tsv"), "--dropout", "shared",
+                   "--param", f"dev_data={tiny_data / 'dev.tsv'}", "--param", "train_max_steps=2"], tmp_path / "ok")
+    assert ok.returncode == ExitCode.ALIGNED, ok.stdout[-3000:] + ok.stderr[-3000:]   # the control: same masks

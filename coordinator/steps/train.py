@@ -18,7 +18,7 @@ import numpy as np
 from ..compare import TensorDiff, Tolerance, compare
 from ..runner import RunContext, StepResult
 from ..tsv import DEMO_FILES, Split, read_tsv
-from ._training import DROPOUT_NOTE, dropout_mode, run_then_restore, setup_both
+from ._training import DROPOUT_NOTE, compare_dropout_calls, dropout_mode, run_then_restore, setup_both
 from .common import check_seq_len, finish
 
 LOSS_TOL = Tolerance(1e-3, "max")
@@ -92,10 +92,22 @@ def _verdict(rc: RunContext, t: dict, p: dict, mode: str, decay_check: TensorDif
     problems = []
     if len(lt) != len(lp):
         problems.append(f"torch ran {len(lt)} steps, paddle {len(lp)}")
+    bs = int(rc.param("batch_size"))
     bad_batch = next((i for i in range(min(len(ct), len(cp))) if ct[i] != cp[i]), None)
     if bad_batch is not None:
-        problems.append(f"batch {bad_batch} (sentences {bad_batch * int(rc.param('batch_size'))}..): the two "
+        problems.append(f"batch {bad_batch} (sentences {bad_batch * bs}..): the two "
                         f"tokenizers produced different input ids (run the data step to see where)")
+    dt, dp = np.asarray(t.get("dev_ids_crc", [])), np.asarray(p.get("dev_ids_crc", []))
+    bad_dev = next((i for i in range(min(len(dt), len(dp))) if dt[i] != dp[i]), None)
+    if bad_dev is not None:   # an accuracy gap with this cause is not the model's
+        problems.append(f"dev batch {bad_dev} (dev sentences {bad_dev * bs}..): the two tokenizers produced "
+                        f"different input ids (run the data step with --data on the dev file to see where)")
+    calls_t, calls_p = t.get("dropout_calls") or [], p.get("dropout_calls") or []
+    for i in range(min(len(calls_t), len(calls_p))):   # the masks come before the losses they change
+        why = compare_dropout_calls(calls_t[i], calls_p[i], mode)
+        if why:
+            problems.append(f"step {i + 1}: {why}")
+            break
     if not decay_check.passed:
         problems.append(decay_check.reason)
     first_loss = next((d for d in loss_diffs if not d.passed), None)
