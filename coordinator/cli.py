@@ -42,11 +42,12 @@ def envs() -> None:
 
 
 @envs.command("create")
-@click.argument("names", nargs=-1)
+@click.argument("names", nargs=-1, metavar="[torch] [paddle]")
 @click.option("--env-set", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True)
 @click.option("--force", is_flag=True, help="rebuild even if the environment exists")
 def envs_create(names: tuple[str, ...], env_set: str, force: bool) -> None:
-    """Create the torch and paddle environments (idempotent; cached outside the repo)."""
+    """Create the torch and paddle environments (default: both; idempotent). They are cached in
+    $LOCKSTEP_ENV_DIR (default ~/.cache/lockstep/envs), keyed by the hash of envs/<name>-<set>.txt."""
     from . import envs as E
     try:
         for name in names or tuple(E.WORKERS):
@@ -57,6 +58,9 @@ def envs_create(names: tuple[str, ...], env_set: str, force: bool) -> None:
     except LockstepError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:   # Ctrl-C or SIGTERM: the half-built environment was removed
+        click.echo("interrupted: nothing half-built was left behind; run it again to build", err=True)
+        sys.exit(ExitCode.INTERRUPTED)
 
 
 @envs.command("check")

@@ -16,12 +16,13 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from .errors import EnvironmentProblem, UsageError
 
@@ -102,8 +103,10 @@ def create(spec: EnvSpec, force: bool = False, progress: Callable[[str], None] =
         if spec.ready() and not force:
             return 0.0
         tmp = Path(f"{spec.path}.tmp-{os.getpid()}")
-        for stale in spec.path.parent.glob(f"{spec.path.name}.tmp-*"):  # a build that died (we hold the lock)
-            shutil.rmtree(stale, ignore_errors=True)
+        for pattern in (".tmp-*", ".old-*"):   # a build that died, a replaced env not yet removed (we hold the lock)
+            for stale in spec.path.parent.glob(f"{spec.path.name}{pattern}"):
+                shutil.rmtree(stale, ignore_errors=True)
+        old_term = _term_as_interrupt()   # kill/timeout during a build: the cleanup below still runs
         try:
             progress(f"[{spec.name}] creating virtualenv {spec.path.name}")
             _run([sys.executable, "-m", "venv", str(tmp)], spec, progress)
@@ -112,24 +115,48 @@ def create(spec: EnvSpec, force: bool = False, progress: Callable[[str], None] =
                   "-r", str(spec.requirements)], spec, progress)
             progress(f"[{spec.name}] checking that the framework imports")
             _run([str(tmp / "bin" / "python"), "-c", WORKERS[spec.name][2]], spec, progress)
+            _fix_venv_paths(tmp, spec.path, rewrite_only=True)
+            (tmp / "lockstep-env.json").write_text(json.dumps({
+                "name": spec.name, "env_set": spec.env_set, "requirements": spec.requirements.read_text(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "python": sys.version.split()[0]}, indent=1))
+            # --force: the old env is moved aside, not deleted first, so an interrupt never leaves a
+            # half-deleted env that still looks built
+            old = Path(f"{spec.path}.old-{os.getpid()}")
+            if spec.path.exists():
+                spec.path.rename(old)
+            tmp.rename(spec.path)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)   # a failed build leaves no GBs behind
+            moved = Path(f"{spec.path}.old-{os.getpid()}")
+            if moved.exists() and not spec.path.exists():
+                moved.rename(spec.path)              # interrupted between the two renames: the old env stays
             raise
-        (tmp / "lockstep-env.json").write_text(json.dumps({
-            "name": spec.name, "env_set": spec.env_set, "requirements": spec.requirements.read_text(),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S"), "python": sys.version.split()[0]}, indent=1))
-        if spec.path.exists():
-            shutil.rmtree(spec.path)
-        tmp.rename(spec.path)
-        _fix_venv_paths(tmp, spec.path)
+        finally:
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
+        shutil.rmtree(old, ignore_errors=True)
     took = time.monotonic() - start
     progress(f"[{spec.name}] ready in {took:.0f}s: {spec.python}")
     return took
 
 
-def _fix_venv_paths(old: Path, new: Path) -> None:
-    """A venv records its own path in scripts and pyvenv.cfg; point them at the final location."""
-    for f in list((new / "bin").iterdir()) + [new / "pyvenv.cfg"]:
+def _term_as_interrupt() -> Any:
+    """Make SIGTERM raise KeyboardInterrupt for the duration of a build (main thread only);
+    returns the previous handler to put back, or None when it could not be set."""
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum} during the environment build")
+    return signal.signal(signal.SIGTERM, interrupt)
+
+
+def _fix_venv_paths(old: Path, new: Path, rewrite_only: bool = False) -> None:
+    """A venv records its own path in scripts and pyvenv.cfg; point them at the final location
+    (``rewrite_only``: the files are still under ``old``, the env is about to move to ``new``)."""
+    where = old if rewrite_only else new
+    for f in list((where / "bin").iterdir()) + [where / "pyvenv.cfg"]:
         if f.is_file() and not f.is_symlink():
             try:
                 text = f.read_text()

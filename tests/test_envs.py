@@ -2,6 +2,7 @@
 
 import os
 import time
+from pathlib import Path
 
 import pytest
 
@@ -70,3 +71,51 @@ def test_a_run_removes_its_workers_import_links_and_never_their_targets(tmp_path
     (tmp_path / ".site" / "notes.txt").write_text("mine")
     E.remove_worker_site(tmp_path)
     assert not (tmp_path / ".site" / "torch_worker").exists() and (tmp_path / ".site" / "notes.txt").exists()
+
+
+def _fake_build(monkeypatch, tmp_path, fail_in_pip=None):
+    """E.create with _run replaced: 'venv' makes bin/python, 'pip' may fail, the import check passes."""
+    monkeypatch.setenv("LOCKSTEP_ENV_DIR", str(tmp_path))
+
+    def run(argv, spec, progress):
+        if argv[1:3] == ["-m", "venv"]:
+            (Path(argv[3]) / "bin").mkdir(parents=True)
+            (Path(argv[3]) / "bin" / "python").write_text(f"#!/bin/sh\n# built in {argv[3]}\n")
+            (Path(argv[3]) / "pyvenv.cfg").write_text(f"command = python -m venv {argv[3]}\n")
+        elif "pip" in argv and fail_in_pip is not None:
+            fail_in_pip()
+    monkeypatch.setattr(E, "_run", run)
+    return E.env_spec("torch")
+
+
+def test_a_build_stopped_by_sigterm_leaves_no_half_built_directory(tmp_path, monkeypatch):
+    """kill/timeout during `envs create` (SIGTERM) cleans up like Ctrl-C: no .tmp-* of GBs left;
+    the control: a build that is not interrupted is ready, its scripts point at the final path."""
+    import signal
+    spec = _fake_build(monkeypatch, tmp_path, fail_in_pip=lambda: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(KeyboardInterrupt, match="signal 15"):
+        E.create(spec, progress=lambda s: None)
+    assert not list(tmp_path.glob("*.tmp-*")) and not spec.ready()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL   # the handler is put back
+    spec = _fake_build(monkeypatch, tmp_path)
+    E.create(spec, progress=lambda s: None)
+    assert spec.ready() and f"built in {spec.path}\n" in (spec.path / "bin" / "python").read_text()
+
+
+def test_force_rebuild_interrupted_keeps_the_old_environment_whole(tmp_path, monkeypatch):
+    """--force used to delete the old env before the new one was in place: an interrupt could
+    leave a half-deleted env that still looked built. The old one now stays until the swap."""
+    spec = _fake_build(monkeypatch, tmp_path)
+    E.create(spec, progress=lambda s: None)
+    (spec.path / "marker").write_text("old")
+
+    def boom():
+        raise KeyboardInterrupt
+    spec = _fake_build(monkeypatch, tmp_path, fail_in_pip=boom)
+    with pytest.raises(KeyboardInterrupt):
+        E.create(spec, force=True, progress=lambda s: None)
+    assert spec.ready() and (spec.path / "marker").read_text() == "old"
+    assert not list(tmp_path.glob("*.tmp-*")) and not list(tmp_path.glob("*.old-*"))
+    spec = _fake_build(monkeypatch, tmp_path)
+    E.create(spec, force=True, progress=lambda s: None)          # the control: a completed --force replaces it
+    assert spec.ready() and not (spec.path / "marker").exists() and not list(tmp_path.glob("*.old-*"))
