@@ -13,6 +13,7 @@ and labels to both workers, so both tokenize byte-identical strings.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +54,8 @@ def read_tsv(path: str | Path, name: str = "data") -> Split:
     """Parse and validate one SST-2-style TSV; raise ``UsageError`` naming file, line and reason."""
     path = Path(path)
     if not path.is_file():
-        raise UsageError(f"{path}: no such file (expected a TSV with a header 'sentence<TAB>label')")
+        what = "a directory, not a file" if path.is_dir() else "no such file"
+        raise UsageError(f"{path}: {what} (expected a TSV with a header 'sentence<TAB>label')")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -68,8 +70,12 @@ def read_tsv(path: str | Path, name: str = "data") -> Split:
     header = [h.strip() for h in lines[0].split("\t")]
     missing = [c for c in ("sentence", "label") if c not in header]
     if missing:
+        cr = " (its lines end in a bare CR, old Mac style: convert them to LF)" if "\r" in lines[0] else ""
         raise UsageError(f"{path}:1: header has no {' and no '.join(repr(c) for c in missing)} column "
-                         f"(found {header}; expected tab-separated 'sentence' and 'label')")
+                         f"(found {header}; expected tab-separated 'sentence' and 'label'){cr}")
+    twice = [c for c in ("sentence", "label") if header.count(c) > 1]
+    if twice:
+        raise UsageError(f"{path}:1: header names {', '.join(repr(c) for c in twice)} more than once ({header})")
     s_col, l_col = header.index("sentence"), header.index("label")
     split = Split(name, path)
     for n, raw in enumerate(lines[1:], start=2):
@@ -82,10 +88,9 @@ def read_tsv(path: str | Path, name: str = "data") -> Split:
         sentence, label_text = fields[s_col], fields[l_col].strip()
         if not sentence.strip():
             raise UsageError(f"{path}:{n}: empty sentence")
-        try:
-            label = int(label_text)
-        except ValueError:
-            raise UsageError(f"{path}:{n}: label {label_text!r} is not an integer") from None
+        if not re.fullmatch(r"-?[0-9]+", label_text):   # int() would also take '+1', '0_0' or other scripts' digits
+            raise UsageError(f"{path}:{n}: label {label_text!r} is not an integer")
+        label = int(label_text)
         if label < 0:
             raise UsageError(f"{path}:{n}: label {label} is negative (class indices start at 0)")
         if label >= NUM_LABELS:

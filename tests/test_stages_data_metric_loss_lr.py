@@ -63,6 +63,11 @@ def test_user_tsv_is_one_split_with_extra_columns_and_blank_lines(tmp_path):
     ("sentence\tlabel\n", "bad.tsv: no examples after the header"),
     ("sentence\tlabel\n\n  \n", "bad.tsv: no examples after the header"),
     ("sentence\tlabel\nfine\t1\nthree classes?\t2\n", "bad.tsv:3: label 2 is not a class of the 2-label classifier"),
+    ("sentence\tlabel\nfine\t+1\n", "bad.tsv:2: label '+1' is not an integer"),          # int() takes these
+    ("sentence\tlabel\nfine\t0_1\n", "bad.tsv:2: label '0_1' is not an integer"),
+    ("sentence\tlabel\nfine\t\u0661\n", "bad.tsv:2: label '\u0661' is not an integer"),   # Arabic-Indic one
+    ("sentence\tlabel\tlabel\nfine\t1\t0\n", "bad.tsv:1: header names 'label' more than once"),
+    ("sentence\tlabel\rgood\t1\rbad\t0\r", "its lines end in a bare CR, old Mac style"),
 ])
 def test_bad_tsv_is_refused_with_file_line_and_reason(tmp_path, content, expected):
     p = tmp_path / "bad.tsv"
@@ -70,6 +75,11 @@ def test_bad_tsv_is_refused_with_file_line_and_reason(tmp_path, content, expecte
     with pytest.raises(UsageError) as e:
         read_tsv(p)
     assert expected in str(e.value)
+
+
+def test_a_directory_given_as_data_is_named_as_such(tmp_path):
+    with pytest.raises(UsageError, match="is a directory, not a file|a directory, not a file"):
+        read_tsv(tmp_path)
 
 
 def test_unicode_line_separators_stay_inside_a_sentence(tmp_path):

@@ -55,6 +55,9 @@ def _run(rc: RunContext) -> StepResult:
     rc.say(f"  fine-tuning {len(train)} sentences ({Path(train.path).name}), batch {bs}, {epochs} epoch(s) = "
            f"{total} steps per side, lr {rc.param('train_lr')} constant, dropout {mode}; eval on {len(dev)} "
            f"({dev_note})")
+    if "lr" in rc.opts.params_given and "train_lr" not in rc.opts.params_given:
+        rc.say(f"  note: --lr sets the backward step's rate; train fine-tunes at --param train_lr "
+               f"({rc.param('train_lr')})")
     progress = Progress(rc, total, int(rc.param("train_log_every")))
     t, p = rc.both("train", body, dict(body, vocab=tinfo.get("vocab")), on_partial=progress.on_partial)
     return _verdict(rc, t, p, mode, decay_check, dev_note, total)
