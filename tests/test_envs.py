@@ -16,8 +16,9 @@ def test_missing_environment_names_env_and_fix(tmp_path):
     env = {k: v for k, v in env.items() if not k.startswith("LOCKSTEP_WORKER_ARGV")}
     proc = coordinator(["run", "--steps", "weights", "--out", str(tmp_path / "r"), "--no-create"], env=env)
     assert proc.returncode == ExitCode.ENVIRONMENT
-    assert "torch environment (cpu) is not built" in proc.stdout
-    assert "coordinator envs create torch" in proc.stdout
+    text = " ".join(proc.stdout.split())
+    assert "the torch and paddle environments are not built" in text   # both named at once
+    assert "coordinator envs create torch; coordinator envs create paddle" in text
 
 
 def test_env_key_is_the_requirement_hash(tmp_path, monkeypatch):
