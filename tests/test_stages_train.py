@@ -70,8 +70,9 @@ def test_backward_aligns_every_gradient_and_parameter(aligned):
     lines = (out / "backward_params.jsonl").read_text().splitlines()
     assert len(lines) == 2 * 2 * 105 and "bert.encoder.layers.0.self_attn.q_proj.weight" in "".join(lines)
     assert _reprod_report(out, "backward", "1e-5") == _ours(out / "backward_diff.log")   # reprod_log agrees
-    assert [ln.split(":")[1].strip() for ln in _ours(out / "backward_tensors_diff.log")[::2][:-1]] == \
-        ["decay_groups", "grad_0", "param_0", "grad_2", "param_2"]
+    heads = [ln.split(":")[1].strip() for ln in _ours(out / "backward_tensors_diff.log")[::2][:-1]]
+    assert [h.split(" [")[0] for h in heads] == ["decay_groups", "grad_0", "param_0", "grad_2", "param_2"]
+    assert all(h.endswith("]") and (" [bert." in h or " [classifier." in h) for h in heads[1:])   # its parameter
     assert bw["tolerance"].startswith("loss max <= 1e-05, grad max <= 1e-05, param max <= 5e-06")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any
 
 import numpy as np
@@ -153,8 +155,10 @@ def finish(rc: RunContext, step: str, torch_d: dict[str, Any], paddle_d: dict[st
     in_npy = sorted((d for d in diffs if d.name in order), key=lambda d: order[d.name])  # reprod_log's order
     write_report(rc.out / f"{step}_diff.log", in_npy, tol.method, tol.threshold)
     others = [d for d in diffs if d.name not in torch_d and d.name not in paddle_d]
-    if others:
-        write_report(rc.out / f"{step}_tensors_diff.log", others, tol.method, tol.threshold)
+    if others:   # a per-iteration summary line names its parameter (the first failing, else the worst)
+        named = [dataclasses.replace(d, name=f"{d.name} [{d.extra['param']}]") if d.extra.get("param") else d
+                 for d in others]
+        write_report(rc.out / f"{step}_tensors_diff.log", named, tol.method, tol.threshold)
     passed = all(d.passed for d in diffs) and not extra_fail
     finite = [d.value for d in diffs if d.value == d.value]
     worst = max(finite) if finite else None
