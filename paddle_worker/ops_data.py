@@ -24,6 +24,9 @@ INJECTS = ("tokenizer_no_lower",)
 _models.OP_INJECTS.update(INJECTS)  # the model builder leaves these to this module
 
 
+PROGRESS_EVERY = 5000   # sentences between progress messages
+
+
 class DataOps:
     def _tokenizer(self, body: dict) -> Any:
         from paddlenlp.transformers import BertTokenizer
@@ -47,7 +50,9 @@ class DataOps:
         out = {}
         for name, split in body["splits"].items():
             feats = []
-            for sentence, label in zip(split["sentences"], split["labels"]):
+            for i, (sentence, label) in enumerate(zip(split["sentences"], split["labels"])):
+                if i and i % PROGRESS_EVERY == 0:   # a large file: the coordinator shows progress
+                    ctx.partial({"split": name, "done": i, "of": len(split["sentences"])})
                 enc = dict(tok(sentence, max_length=max_length, truncation=True, return_token_type_ids=True,
                                return_attention_mask=True))
                 enc["labels"] = int(label)

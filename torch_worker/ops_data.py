@@ -33,6 +33,9 @@ def _model_dir(adapter: Any, body: dict) -> str:
     raise FileNotFoundError(f"no tokenizer directory for preset {preset!r} (path {path!r})")
 
 
+PROGRESS_EVERY = 5000   # sentences between progress messages
+
+
 class DataOps:
     def _tokenizer(self, body: dict) -> Any:
         from transformers import BertTokenizer
@@ -68,7 +71,9 @@ class DataOps:
         out = {}
         for name, split in body["splits"].items():
             feats = []
-            for sentence, label in zip(split["sentences"], split["labels"]):
+            for i, (sentence, label) in enumerate(zip(split["sentences"], split["labels"])):
+                if i and i % PROGRESS_EVERY == 0:   # a large file: the coordinator shows progress
+                    ctx.partial({"split": name, "done": i, "of": len(split["sentences"])})
                 enc = dict(tok(sentence, padding=False, max_length=max_length, truncation=True,
                                return_token_type_ids=True))
                 enc["labels"] = int(label)

@@ -181,7 +181,9 @@ def run(rc: RunContext) -> StepResult:
                   do_lower_case=tok_info["do_lower_case"])
     rc.say(f"  {', '.join(f'{s.name}: {len(s)} sentences ({s.path.name})' for s in splits)}; "
            f"batch {bs}, max_length {max_length}")
-    t_rep, p_rep = rc.both("data_pipeline", t_body, p_body)
+    def progress(worker: str, part: dict) -> None:
+        rc.say(f"  {worker:6s} tokenized {part['done']}/{part['of']} {part['split']} sentences")
+    t_rep, p_rep = rc.both("data_pipeline", t_body, p_body, on_partial=progress)
     tol = rc.tol("data", DEFAULT)
     torch_d, paddle_d, diffs, mismatches, per_split = compare_pipelines(splits, t_rep, p_rep, tol, bs, max_length)
     for name, s in per_split.items():
