@@ -261,10 +261,12 @@ def run(**kw) -> None:
                                        kw["diff_method"] or "max")
         tol.update(_parse_tolerances(kw["tolerances"]))
         params = _parse_params(kw)
-        from .tsv import read_tsv
+        from .tsv import read_tsv, require_batches
         for key in ("data", "dev_data"):   # a bad --data / dev_data file (file:line: reason) before workers start
             if params.get(key):
-                read_tsv(params[key], key)
+                split = read_tsv(params[key], key)
+                if key == "data" and ("data" in steps or "train" in steps):
+                    require_batches(split, int(params["batch_size"]))   # too few rows for one batch
         if kw["mapping"]:
             from .mapping import WeightMap
             WeightMap.load(kw["mapping"])  # likewise a missing, malformed or misspelled mapping file

@@ -274,15 +274,18 @@ def test_a_step_that_raises_is_an_internal_error_not_a_divergence(tmp_path, monk
     (["--steps", "forward", "--param", "schedules=linear,cosin"], "a comma list of linear, cosine, polynomial"),
     (["--steps", "forward", "--param", "layer_map={file}.missing"], "afile.missing: no such file"),
     (["--steps", "forward", "--param", "dev_data={file}"], "afile:1: header has no"),
+    (["--steps", "data", "--data", "{tiny}", "--batch-size", "4"], "tiny.tsv: 2 example(s), too few for 1 batch(es) of 4"),
 ])
 def test_bad_command_lines_are_refused_before_anything_starts(tmp_path, args, message):
     """Exit 2 naming the problem, no worker started, no traceback (the control: a good --tolerance
     key passes this check and the run goes on to fail only later, on the bad step list)."""
     afile = tmp_path / "afile"
     afile.write_text("x")
+    (tmp_path / "tiny.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
     typo = tmp_path / "typo.toml"
     typo.write_text((ROOT / "tests/data/fake_mlp.toml").read_text() + "\n[[renames]]\npattern = 'a'\nreplace = 'b'\n")
-    args = [a.replace("{file}", str(afile)).replace("{typo}", str(typo)) for a in args]
+    args = [a.replace("{file}", str(afile)).replace("{typo}", str(typo)).replace("{tiny}", str(tmp_path / "tiny.tsv"))
+            for a in args]
     proc = coordinator(["run", *args], env=fake_env())
     assert proc.returncode == ExitCode.USAGE, proc.stdout + proc.stderr
     assert message in " ".join(proc.stdout.split()) and "Traceback" not in proc.stdout + proc.stderr
