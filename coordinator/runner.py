@@ -415,11 +415,25 @@ def _note_security(summary: Summary, session: Session) -> None:
     summary.write()
 
 
+def check_injects(opts: RunOptions, hellos: dict[str, dict]) -> None:
+    """--torch-inject/--paddle-inject names the worker applies (its HELLO lists them), checked before
+    any step: a misspelt negative control would otherwise run as a silent no-op and pass."""
+    for side, items in (("torch", opts.torch_inject), ("paddle", opts.paddle_inject)):
+        known = hellos.get(side, {}).get("injects")
+        if known is None:   # a worker that does not say (an older or a custom one): its ops decide
+            continue
+        unknown = [i for i in items if i.split(":")[0] not in known]
+        if unknown:
+            raise UsageError(f"--{side}-inject {unknown[0]!r}: the {side} worker applies no such bug (known: "
+                             f"{', '.join(known) or 'none'})")
+
+
 def _check_placement(opts: RunOptions, hellos: dict[str, dict], summary: Summary, say: Callable[[str], None]) -> str:
     """Print the workers, refuse a shared GPU, record determinism and the schedule; return the schedule."""
     from .placement import check_hello_devices, check_hello_gpus, describe, determinism_report, same_host
     for name, h in hellos.items():
         say(f"  {describe(name, h)}")
+    check_injects(opts, hellos)
     check_hello_devices(hellos)
     shared = check_hello_gpus(hellos, opts.allow_shared_gpu)
     if shared:

@@ -107,7 +107,7 @@ HELLO_FIELDS: dict[str, tuple] = {
     "platform": (str,), "shm_bytes": (int,), "cuda_available": (bool,), "libraries": (dict,),
     "determinism": (dict,), "deterministic": (dict,), "device_name": (str,), "device_memory": (int, float),
     "device_index": (int,), "visible_devices": (str,), "device_uuid": (str,), "device_pci": (str,),
-    "nvidia_smi": (dict,),
+    "nvidia_smi": (dict,), "injects": (list,),
 }
 
 
@@ -118,6 +118,8 @@ def hello_problems(info: dict) -> list[str]:
     for key, types in HELLO_FIELDS.items():
         if info.get(key) is not None and not isinstance(info[key], types):
             out.append(f"{key!r} is a {type(info[key]).__name__}")
+        elif isinstance(info.get(key), list) and not all(isinstance(v, str) for v in info[key]):
+            out.append(f"{key!r} holds more than names")
         elif isinstance(info.get(key), dict):
             if any(not isinstance(k, str) or isinstance(v, (list, dict)) for k, v in info[key].items()):
                 out.append(f"{key!r} holds more than name: value pairs")

@@ -192,6 +192,8 @@ class PaddleAdapter(*_MIXINS, Adapter):
         if self.device.startswith("gpu"):
             info.update(_gpu_hello())
         info["determinism"] = _determinism()
+        from . import models
+        info["injects"] = sorted(models.OP_INJECTS | set(models.BUILDER_INJECTS))   # checked by the coordinator
         return info
 
     def op_load_model(self, body: dict, ctx: Any) -> dict:

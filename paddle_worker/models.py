@@ -25,6 +25,7 @@ HF_TO_PADDLE_CONFIG = ("vocab_size", "hidden_size", "num_hidden_layers", "num_at
 # Injects that ops (not the model builder) apply, e.g. ``adamw_eps`` in ops_train.py; each
 # ops_*.py module adds its own names here at import.
 OP_INJECTS: set[str] = set()
+BUILDER_INJECTS = ("ln_eps", "gelu_tanh")   # applied by build_bert itself
 
 
 def build_bert(config: dict[str, Any], num_labels: int, inject: list[str]) -> paddle.nn.Layer:

@@ -578,13 +578,20 @@ def test_debug_never_overwrites_a_run_and_refuses_a_file_as_out(tmp_path):
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(240)
 def test_an_inject_the_worker_does_not_apply_is_a_usage_error(tmp_path):
-    """--paddle-inject names are known to the worker modules that apply them; one it refuses is
-    the command line's fault: exit 2 naming the flag, not a worker error (7)."""
-    proc = run(tmp_path / "r", *CNN, "--paddle-inject", "bogus_thing")
+    """Each worker's HELLO lists the bugs it can inject; a name it does not know is the command
+    line's fault, exit 2 naming the flag, before any step (a misspelt negative control used to run
+    as a silent no-op on the torch side). A BERT-only bug on a factory model is refused too."""
+    for side, item in (("paddle", "bogus_thing"), ("torch", "metric_argmn")):
+        proc = run(tmp_path / side, *CNN, f"--{side}-inject", item)
+        assert proc.returncode == ExitCode.USAGE, text(proc)[-3000:]
+        said = " ".join(proc.stdout.split())
+        assert f"--{side}-inject '{item}': the {side} worker applies no such bug (known: " in said
+        assert "step weights ..." not in proc.stdout
+    proc = run(tmp_path / "bert_only", *CNN, "--paddle-inject", "ln_eps:0:1e-3")
     assert proc.returncode == ExitCode.USAGE, text(proc)[-3000:]
-    assert "--paddle-inject: inject ['bogus_thing'] applies to the BERT presets only" in " ".join(proc.stdout.split())
+    assert "--paddle-inject: inject ['ln_eps:0:1e-3'] applies to the BERT presets only" in " ".join(proc.stdout.split())
 
 
 @pytest.mark.timeout(240)

@@ -114,6 +114,8 @@ class TorchAdapter(*_MIXINS, Adapter):
         if self.device.startswith("cuda") and torch.cuda.is_available():
             info.update(_gpu_hello(torch.device(self.device)))
         info["determinism"] = _determinism()
+        from . import models
+        info["injects"] = sorted(models.OP_INJECTS)   # the coordinator refuses other --torch-inject names
         return info
 
     # -- model ------------------------------------------------------------------------

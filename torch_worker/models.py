@@ -88,7 +88,15 @@ def factory_loss(model: Any, info: dict, batch: dict[str, Any]) -> Any:
     return extras.loss(forward(model, info, batch), batch)
 
 
+# Injects (deliberate bugs for negative controls) the torch side's ops apply; each ops_*.py module
+# adds its own names here at import. The torch model builders apply none.
+OP_INJECTS: set[str] = set()
+
+
 def load(body: dict[str, Any], device: str) -> tuple[torch.nn.Module, dict]:
+    unknown = [i for i in body.get("inject") or [] if i.split(":")[0] not in OP_INJECTS]
+    if unknown:   # a typo would otherwise switch the negative control off without a word
+        raise ValueError(f"unknown inject {unknown[0]!r} for the torch worker (known: {', '.join(sorted(OP_INJECTS))})")
     preset = body.get("preset", "minilm")
     seed = int(body.get("seed", 0))
     num_labels = int(body.get("num_labels", 2))

@@ -16,7 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from . import models as _models
+
 INJECTS = ("tokenizer_no_lower",)
+_models.OP_INJECTS.update(INJECTS)  # load_model refuses names no module registered
 
 
 def _model_dir(adapter: Any, body: dict) -> str:

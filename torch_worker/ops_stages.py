@@ -16,9 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import models as _models
 from .adapter import from_numpy, to_numpy
 
 INJECTS = ("metric_argmin", "label_shift", "warmup_offby1", "lr_step_early")
+_models.OP_INJECTS.update(INJECTS)  # load_model refuses names no module registered
 
 
 def _injects(adapter: Any, body: dict) -> set[str]:

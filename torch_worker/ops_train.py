@@ -19,7 +19,11 @@ import torch
 from protocol.shared import WeightSnapshotOps
 
 from .adapter import from_numpy, to_numpy
-from .train_support import DropoutControl, build_optimizer, encode_batch, inject_value, sync, tokenizer_from
+from . import models as _models
+from .train_support import (INJECT_NAMES, DropoutControl, build_optimizer, encode_batch, inject_value, sync,
+                            tokenizer_from)
+
+_models.OP_INJECTS.update(INJECT_NAMES)  # load_model refuses names no module registered
 
 
 class TrainOps(WeightSnapshotOps):
