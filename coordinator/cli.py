@@ -12,7 +12,6 @@ import click
 
 from .errors import ExitCode, LockstepError
 
-DEFAULT_ORDER = ["weights", "forward"]
 
 
 def _console():
@@ -387,9 +386,11 @@ def _parse_tolerances(items) -> dict:
 
 
 def _tolerance_keys() -> list[str]:
-    """What ``--tolerance KEY=...`` accepts: every step, and the sub-checks that have their own."""
+    """What ``--tolerance KEY=...`` accepts: every step that reads one, and the sub-checks that have
+    their own (weights must round-trip exactly; perf's verdict is ``--param perf_ratio``)."""
     from .steps import STEPS, backward, lr
-    return list(STEPS) + [f"backward.{k}" for k in backward.DEFAULTS] + ["layers.backward"] + \
+    return [s for s in STEPS if s not in ("weights", "perf")] + [f"backward.{k}" for k in backward.DEFAULTS] + \
+        ["layers.backward"] + \
         [f"lr.{k}" for k in lr.DEFAULTS]
 
 

@@ -3,8 +3,10 @@
 A worker adapter is a class whose ``op_<name>`` methods are the ops it serves;
 ``handlers()`` turns them into the ``op -> handler`` table that ``protocol.worker.serve``
 dispatches on. Each op takes the request body (a dict of plain data and numpy arrays)
-and returns the reply body. Adapters must return arrays they own (copies), because
-replies are sent zero-copy and a later op may mutate framework tensors in place.
+and returns the reply body. Replies are encoded before the worker runs anything else, so a
+reply may hold views of framework tensors that nothing changes before the handler returns;
+a tensor the adapter keeps and later modifies in place must be returned as an owned copy
+(docs/extending.md, "Copies").
 """
 
 from __future__ import annotations

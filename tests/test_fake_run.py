@@ -250,6 +250,7 @@ def test_a_step_that_raises_is_an_internal_error_not_a_divergence(tmp_path, monk
     (["--steps", ""], "--steps '': no step given"),
     (["--steps", "forward", "--tolerance", "foward=max:1e-5"], "no step or sub-check 'foward'"),
     (["--steps", "forward", "--tolerance", "forward=ulp:4"], "method max, mean or min"),
+    (["--steps", "forward", "--tolerance", "weights=max:1e-3"], "no step or sub-check 'weights'"),   # exact by design
     (["--steps", "forward", "--tolerance", "layers.backward=mean:1e-4"], "use layers.backward=rel:T"),
     (["--steps", "forward", "--out", "{file}"], "exists and is not a directory"),
     (["--steps", "forward", "--out", "{file}/sub"], "cannot create the run directory (Not a directory)"),
