@@ -237,7 +237,7 @@ class Debugger:
         tol = self.bwd_tol if r.phase == "backward" else self.fwd_tol
         executed = set().union(*(c.diff.executed for c in self.caps))
         iso = replay(self.rc, self.lmap, r, self.inputs, tol, executed,
-                     self.labels if r.phase == "backward" else None)
+                     self.labels if r.phase == "backward" else None, earlier=self.rows[:self.pos])
         for c in iso.get("checks", []):
             self.say(f"  replay {c['key']}: max {_fmt(c['max_abs'])}  max|diff|/max|torch| {_fmt(c['norm_err'])}  "
                      f"{'pass' if c['passed'] else 'FAIL ' + c['reason']}")

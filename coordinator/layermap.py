@@ -9,7 +9,9 @@ Rules, in order (each pair is 1:1):
    exactly the renamed set of its parameters; chains of containers with the same set
    (``encoder`` > ``layer`` list) pair outermost first.
 3. ``position``: parameterless modules (dropout, activations) of the same kind pair by
-   position among the children of two mapped parents, when both have as many of that kind.
+   position among the children of two mapped parents, when both have as many of that kind;
+   when both sides hold the same types of that kind (GELU and Tanh on each side), each type
+   pairs with its own type first, by position among its type (registration order may differ).
 4. ``unique``: otherwise a parameterless module pairs when it is the only one of its kind
    under the nearest mapped ancestor on both sides (HF's ``intermediate.intermediate_act_fn``
    <-> PaddleNLP's ``layers.N.activation`` function).
@@ -234,7 +236,14 @@ def build(torch_tree: list[dict[str, Any]], paddle_tree: list[dict[str, Any]], w
         for k in {kind(tm[c]["type"]) for c in tc}:
             tk = [c for c in tc if kind(tm[c]["type"]) == k]
             pk = [c for c in pc if kind(pm[c]["type"]) == k]
-            if len(tk) == len(pk):
+            if len(tk) != len(pk):
+                continue
+            t_types, p_types = [tm[c]["type"].lower() for c in tk], [pm[c]["type"].lower() for c in pk]
+            if len(set(t_types)) > 1 and sorted(t_types) == sorted(p_types):   # GELU and Tanh on both sides
+                for ty in dict.fromkeys(t_types):
+                    for a, b in zip([c for c, x in zip(tk, t_types) if x == ty], [c for c, x in zip(pk, p_types) if x == ty]):
+                        add(a, b, "position")
+            else:
                 for a, b in zip(tk, pk):
                     add(a, b, "position")
     # 4. the only one of its kind under the nearest mapped ancestor

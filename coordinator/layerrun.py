@@ -131,11 +131,24 @@ def fetch_torch(rc: RunContext, module: str, inputs: dict[str, np.ndarray], labe
 
 
 def replay(rc: RunContext, lmap: LayerMap, row: Row, inputs: dict[str, np.ndarray], tol: LayerTolerance,
-           executed: set[str], labels: np.ndarray | None = None) -> dict[str, Any]:
-    """Run the row's layer alone on torch's input on both sides; classify own vs inherited."""
+           executed: set[str], labels: np.ndarray | None = None, earlier: list[Row] | None = None) -> dict[str, Any]:
+    """Run the row's layer alone on torch's input on both sides; classify own vs inherited.
+
+    ``earlier``: the rows before this one. A replayed container (the model itself, a block, the
+    layer enclosing an input row) runs its sublayers again, so a difference it shows is the row's
+    own only if none of its sublayers already failed before this row."""
     pair, what = replay_target(lmap, row, executed)
     if pair is None:
         return {"verdict": "unknown", "why": f"cannot replay {row.label}: {what}"}
+    if row.what != "param_grad":
+        inside = [r for r in earlier or [] if not r.passed and r.phase == row.phase and r.what != "param_grad"
+                  and r.torch != pair.torch and (pair.torch == "" or r.torch.startswith(pair.torch + "."))]
+        if inside:
+            return {"verdict": "inherited", "layer": pair.torch, "paddle_layer": pair.paddle, "replayed": what,
+                    "phase": row.phase, "checks": [],
+                    "why": (f"replaying {pair.torch or ROOT_NAME} would run {inside[0].label} again, which already "
+                            f"differs earlier in this pass: that difference reaches {row.label}; replay "
+                            f"{inside[0].label} instead (goto it)")}
     backward = row.phase == "backward"
     got = fetch_torch(rc, pair.torch, inputs, labels if backward else None)
     body: dict[str, Any] = {"input": got["input"]}
@@ -150,7 +163,8 @@ def replay(rc: RunContext, lmap: LayerMap, row: Row, inputs: dict[str, np.ndarra
     checks = _replay_checks(rc, pair, t, p, tol, backward)
     if probe and t.get("probe_input") is not None and p.get("probe_input") is not None:
         # the verdict is on the input itself: the functional code inside the replayed block
-        probe_row = compare_row(Row("forward", "input", f"{row.torch} <input> (inside the replayed {pair.torch})",
+        probe_row = compare_row(Row("forward", "input", f"{row.torch or ROOT_NAME} <input> (inside the replayed "
+                                    f"{pair.torch or ROOT_NAME})",
                                     row.torch, consumer.paddle, row.torch_type, row.paddle_type),
                                 t["probe_input"], p["probe_input"], tol)
         checks = [probe_row] + [c for c in checks]
@@ -187,12 +201,12 @@ def replay(rc: RunContext, lmap: LayerMap, row: Row, inputs: dict[str, np.ndarra
 def _replay_checks(rc: RunContext, pair: LayerPair, t: dict, p: dict, tol: LayerTolerance,
                    backward: bool) -> list[Row]:
     phase = "backward" if backward else "forward"
-    checks = [compare_row(Row(phase, "output", f"{pair.torch} (replay output)", pair.torch, pair.paddle,
+    checks = [compare_row(Row(phase, "output", f"{pair.torch or ROOT_NAME} (replay output)", pair.torch, pair.paddle,
                               pair.torch_type, pair.paddle_type), t["output"], p["output"], tol)]
     if not backward:
         return checks
     if t.get("grad_input") is not None and p.get("grad_input") is not None:
-        checks.append(compare_row(Row(phase, "grad", f"{pair.torch} (replay input gradient)", pair.torch,
+        checks.append(compare_row(Row(phase, "grad", f"{pair.torch or ROOT_NAME} (replay input gradient)", pair.torch,
                                       pair.paddle, pair.torch_type, pair.paddle_type),
                                   t["grad_input"], p["grad_input"], tol))
     for local, g in (t.get("param_grads") or {}).items():

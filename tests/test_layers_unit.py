@@ -74,6 +74,21 @@ def test_layer_map_rules_and_unmapped_listing():
     assert [p.torch for p in lm.mapped_ancestors("enc.layer.0.ffn.dense")] == ["enc.layer.0", "enc.layer", "enc", ""]
 
 
+def test_activations_of_two_types_pair_by_type_not_by_registration_order():
+    """torch registers act1 GELU then act2 Tanh, the port tanh then gelu (called in the same order):
+    the pairs follow the types. Position pairs them when the types do not match one to one (the
+    control: one ReLU and one GELU against two GELUs stays positional)."""
+    torch = [m("", "Net", ["w"], children=["act1", "act2"]), m("act1", "GELU"), m("act2", "Tanh")]
+    paddle = [m("", "Net", ["w"], children=["tanh", "gelu"]), m("tanh", "Tanh"), m("gelu", "GELU")]
+    wmap = WeightMap.from_dict({})
+    got = {p.torch: p.paddle for p in build(torch, paddle, wmap).pairs}
+    assert got["act1"] == "gelu" and got["act2"] == "tanh"
+    mixed = [m("", "Net", ["w"], children=["a", "b"]), m("a", "ReLU"), m("b", "GELU")]
+    twin = [m("", "Net", ["w"], children=["x", "y"]), m("x", "GELU"), m("y", "GELU")]
+    got = {p.torch: p.paddle for p in build(mixed, twin, wmap).pairs}
+    assert got["a"] == "x" and got["b"] == "y"
+
+
 def test_ambiguous_parameterless_modules_are_listed_not_guessed():
     torch = TORCH + [m("enc.layer.0.ffn.act2", "ReLU")]
     lm = build(torch, PADDLE, WMAP)
@@ -467,3 +482,33 @@ def test_report_names_the_model_itself_and_drops_terminal_colour_codes(tmp_path)
     _write_tsv(SimpleNamespace(out=tmp_path), [_row(1), root])
     lines = (tmp_path / "layers.tsv").read_text().splitlines()
     assert lines[2].split("\t")[4:6] == ["<model>", "<model>"] and lines[1].split("\t")[4] == "enc.l1"
+
+
+def test_replaying_a_container_whose_sublayer_already_failed_is_inherited_not_own():
+    """The debugger can replay any row: replaying a block (or the model) runs its sublayers
+    again, so with one of them already failing earlier the verdict is inherited, naming it,
+    and nothing is sent to the workers. The control: an earlier failure outside the block, or
+    the block's own input row, does not count, and the replay goes on to the workers."""
+    from types import SimpleNamespace
+    from coordinator.layerrun import replay
+    lm = build(TORCH, PADDLE, WMAP)
+    tol = LayerTolerance(5e-6, 1e-4)
+
+    class Sent(Exception):
+        pass
+
+    def request(*a, **k):
+        raise Sent
+    rc = SimpleNamespace(session=SimpleNamespace(request=request))
+    block = Row("forward", "output", "enc.layer.0", "enc.layer.0", "enc.layers.0", "Block", "Block", seq=9,
+                passed=False)
+    ln = Row("forward", "output", "enc.layer.0.LayerNorm", "enc.layer.0.LayerNorm", "enc.layers.0.norm1",
+             "LayerNorm", "LayerNorm", seq=5, passed=False)
+    iso = replay(rc, lm, block, {}, tol, set(), earlier=[ln])
+    assert iso["verdict"] == "inherited" and "enc.layer.0.LayerNorm" in iso["why"] and "goto it" in iso["why"]
+    own_input = Row("forward", "input", "enc.layer.0:in", "enc.layer.0", "enc.layers.0", "Block", "Block", seq=1,
+                    passed=False)
+    with pytest.raises(Sent):
+        replay(rc, lm, block, {}, tol, set(), earlier=[own_input])
+    with pytest.raises(Sent):
+        replay(rc, lm, ln, {}, tol, set(), earlier=[block])
