@@ -62,15 +62,24 @@ class Debugger:
         self.fwd_tol, self.bwd_tol = tolerances(rc)
         self.inputs = gen_inputs(rc)
         self.labels = seeded_labels(rc, self.inputs)
-        stop = _Stop(self.at)
+        names = {n for p in self.lmap.pairs for n in (p.torch, p.paddle)}
+        if self.at:   # a name nothing can match is refused before the capture, not after it
+            target = Target(self.at, names)
+            every = names | set(rc.cache.get("torch_weights") or ()) | set(rc.cache.get("converted") or ())
+            if not target.exact and not any(target.base in n for n in every if n):
+                shown = ", ".join(sorted(n or ROOT_NAME for n in names)[:8])
+                raise UsageError(f"--at {self.at!r}: no layer or parameter has that name or a name containing it, "
+                                 f"torch or paddle (layers: {shown}, ...)")
+        stop = _Stop(self.at, names)
         with LayerView(lambda s: None, stream=self.out, live=False) as view:
             def on_row(row: Row) -> None:
                 if not view.silenced:
                     view.on_row(row)
                     if stop.hit(row):
                         view.silenced = True
-                        self.say(f"-- stopped at {'the first divergence' if not row.passed else row.label} "
-                                 f"(capture continues silently; 'next' / 'continue' walk on) --")
+                        where = row.label if self.at else "the first divergence"
+                        self.say(f"-- stopped at {where} (capture continues silently; 'next' / 'continue' "
+                                 f"walk on) --")
             fwd = capture(rc, self.lmap, self.inputs, self.fwd_tol, on_row=on_row, keep=lambda r: True)
             self.caps.append(fwd)
             self.rows += fwd.diff.ordered("forward")
@@ -85,7 +94,7 @@ class Debugger:
         if self.at:
             idx = self.find(self.at)
             if idx is None:
-                names = ", ".join(dict.fromkeys(r.torch for r in self.rows[:8]))
+                names = ", ".join(dict.fromkeys(r.torch or ROOT_NAME for r in self.rows[:8]))
                 raise UsageError(f"--at {self.at!r}: no compared layer by that name, torch or paddle (the rows "
                                  f"start with {names}, ...)")
             return idx
@@ -96,20 +105,18 @@ class Debugger:
         return bad[0]
 
     def find(self, name: str) -> int | None:
-        """A layer's row: its output (or gradient) row for a plain name, its input row for
-        ``NAME:input`` (the row key), else the first row whose names contain ``name``."""
-        exact = [i for i, r in enumerate(self.rows) if name in (r.torch, r.paddle, r.key, r.label)]
-        if exact:
-            outputs = [i for i in exact if self.rows[i].what != "input" or name in (self.rows[i].key,
-                                                                                   self.rows[i].label)]
-            return (outputs or exact)[0]
-        sub = [i for i, r in enumerate(self.rows) if name in r.torch or name in r.paddle]
-        layers = list(dict.fromkeys(self.rows[i].torch or ROOT_NAME for i in sub))
-        if len(layers) > 1:
-            more = f" and {len(layers) - 3} more" if len(layers) > 3 else ""
-            self.say(f"{name!r} is part of {len(layers)} layers' names ({', '.join(layers[:3])}{more}): "
-                     f"taking the first; give more of the name to choose")
-        return sub[0] if sub else None
+        """A layer's row (``Target``: its output row for a plain name, ``NAME:input`` its input
+        row, ``NAME:grad`` its gradient row; an exact torch or paddle name first, else the first
+        row whose names contain it)."""
+        target = Target(name, {n for r in self.rows for n in (r.torch, r.paddle)})
+        hits = [i for i, r in enumerate(self.rows) if target.matches(r)]
+        if not target.exact:
+            layers = list(dict.fromkeys(self.rows[i].torch or ROOT_NAME for i in hits))
+            if len(layers) > 1:
+                more = f" and {len(layers) - 3} more" if len(layers) > 3 else ""
+                self.say(f"{target.base!r} is part of {len(layers)} layers' names ({', '.join(layers[:3])}{more}): "
+                         f"taking the first; give more of the name to choose")
+        return hits[0] if hits else None
 
     def tensors(self, row: Row) -> tuple[np.ndarray, np.ndarray] | None:
         for cap in self.caps:
@@ -151,12 +158,17 @@ class Debugger:
             if not words:
                 continue
             fn = cmds.get(words[0].lower())
-            self.log.append({"command": line.strip(), "row": self.rows[self.pos].key})
+            self.log.append({"command": line.strip(), "row": self.rows[self.pos].key,
+                             "phase": self.rows[self.pos].phase})
             if fn is None:
+                self.log[-1]["error"] = "unknown command"
                 self.say(f"unknown command {words[0]!r}; type 'help'")
                 continue
             try:
-                if fn(words[1:]):
+                done = fn(words[1:])
+                # the row the command left the session at (goto, next: the new one)
+                self.log[-1].update(row=self.rows[self.pos].key, phase=self.rows[self.pos].phase)
+                if done:
                     return
             except Exception as exc:  # a failed command must not end the session
                 text = str(exc)
@@ -298,18 +310,40 @@ class Debugger:
             c.diff.close()
 
 
-class _Stop:
-    """Where the live view stops: the named layer, else the first divergent one."""
+class Target:
+    """A row named on the command line (``--at``, ``goto``): ``NAME`` is the layer's output row,
+    ``NAME:input`` / ``NAME <input>`` its input row, ``NAME:grad`` / ``NAME <grad>`` its gradient
+    row (``--backward``); ``<model>`` is the model itself. NAME is a torch or paddle module name,
+    matched exactly when some layer has that name, else as a part of one (the first such row)."""
 
-    def __init__(self, at: str | None):
-        self.at = at
+    SUFFIXES = ((":input", "input"), (" <input>", "input"), (":grad", "grad"), (" <grad>", "grad"))
+
+    def __init__(self, text: str, names: set[str]):
+        self.base, self.what = text.strip(), None
+        for suffix, what in self.SUFFIXES:
+            if self.base.endswith(suffix):
+                self.base, self.what = self.base[:-len(suffix)].strip(), what
+                break
+        if self.base == ROOT_NAME:
+            self.base = ""
+        self.exact = self.base in names
+
+    def matches(self, row: Row) -> bool:
+        if row.what != (self.what or "output") and not (self.what is None and row.what == "param_grad"):
+            return False
+        names = (row.torch, row.paddle)
+        return self.base in names if self.exact else any(self.base and self.base in n for n in names)
+
+
+class _Stop:
+    """Where the live view stops: the named layer (resolved as ``goto`` resolves it), else the
+    first divergent one."""
+
+    def __init__(self, at: str | None, names: set[str]):
+        self.target = Target(at, names) if at else None
 
     def hit(self, row: Row) -> bool:
-        if self.at:   # a plain name stops at the layer's output row; NAME:input at its input row
-            if row.what == "input":
-                return self.at in (row.key, row.label)
-            return self.at in (row.torch, row.paddle, row.key) or (self.at in row.torch and row.what == "output")
-        return not row.passed
+        return self.target.matches(row) if self.target else not row.passed
 
 
 def _isatty(f: Any) -> bool:
@@ -357,7 +391,8 @@ def debug_step(at: str | None, backward: bool, stdin: TextIO | None = None,
                        "interrupted": dbg.interrupted}   # the runner then ends the run as interrupted
             # what report.html draws for a layers step: per phase the rows, the first divergence
             # (with the verdict of a replay the session ran on it) and the layer map
-            replays = {e.get("row"): e["replay"] for e in dbg.log if e.get("replay")}
+            # keyed by phase too: a gradient row has its forward row's key
+            replays = {(e.get("phase"), e.get("row")): e["replay"] for e in dbg.log if e.get("replay")}
             details["tolerance"] = {"forward": dbg.fwd_tol.describe(), "backward": dbg.bwd_tol.describe()}
             details["map"] = dbg.lmap.to_json()
             for phase in ("forward", "backward") if backward else ("forward",):
@@ -365,7 +400,7 @@ def debug_step(at: str | None, backward: bool, stdin: TextIO | None = None,
                 failed = [r for r in rows if not r.passed]
                 ph: dict[str, Any] = {"rows": [r.to_json() for r in rows], "failed": len(failed)}
                 if failed:
-                    ph["first"] = dict(failed[0].to_json(), isolation=replays.get(failed[0].key) or {})
+                    ph["first"] = dict(failed[0].to_json(), isolation=replays.get((phase, failed[0].key)) or {})
                 details[phase] = ph
             msg = (f"first divergent layer: {first.label} ({first.phase}): {first.reason}" if first
                    else f"{len(dbg.rows)} layer tensors within tolerance")

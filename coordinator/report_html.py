@@ -227,7 +227,7 @@ def _session_list(step: dict[str, Any]) -> str:
     for e in log:
         rep = e.get("replay") or {}
         extra = f" &rarr; {_e(rep.get('verdict'))}: {_e(rep.get('why'))}" if rep else ""
-        items.append(f"<li><code>{_e(e.get('command'))}</code> at <code>{_e(e.get('row'))}</code>{extra}</li>")
+        items.append(f"<li><code>{_e(e.get('command'))}</code> at <code>{_e(_mod(e.get('row')))}</code>{extra}</li>")
     return f"<h3>session: {len(log)} command(s)</h3><ol>{''.join(items)}</ol>"
 
 

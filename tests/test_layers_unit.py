@@ -512,3 +512,29 @@ def test_replaying_a_container_whose_sublayer_already_failed_is_inherited_not_ow
         replay(rc, lm, block, {}, tol, set(), earlier=[own_input])
     with pytest.raises(Sent):
         replay(rc, lm, ln, {}, tol, set(), earlier=[block])
+
+
+def test_a_named_row_is_resolved_the_same_way_by_the_live_stop_and_by_goto():
+    """--at / goto: an exact layer name wins over a layer whose name contains it (the live view
+    used to stop at blocks.0.norm for 'norm' while the prompt opened at 'norm'); NAME:grad and
+    'NAME <grad>' reach a gradient row, NAME:input the input row, <model> the model itself; a
+    part of a paddle name works live too."""
+    from coordinator.layerdebug import Target, _Stop
+    rows = [Row("forward", "output", "blocks.0.norm", "blocks.0.norm", "layers.0.ln", "LayerNorm", "LayerNorm", seq=1),
+            Row("forward", "input", "norm:input", "norm", "ln", "LayerNorm", "LayerNorm", seq=2),
+            Row("forward", "output", "norm", "norm", "ln", "LayerNorm", "LayerNorm", seq=3),
+            Row("forward", "output", "", "", "", "Net", "Net", seq=4),
+            Row("backward", "grad", "norm", "norm", "ln", "LayerNorm", "LayerNorm", seq=5),
+            Row("backward", "param_grad", "norm.weight", "norm.weight", "ln.weight", "LayerNorm", "LayerNorm", seq=6)]
+    names = {n for r in rows for n in (r.torch, r.paddle)}
+
+    def first(text):
+        stop = _Stop(text, names)
+        return next((i for i, r in enumerate(rows) if stop.hit(r)), None)
+    assert first("norm") == 2 and first("ln") == 2                      # exact torch / paddle names
+    assert first("norm:input") == 1 and first("norm <input>") == 1
+    assert first("norm:grad") == 4 and first("ln <grad>") == 4
+    assert first("<model>") == 3 and first("norm.weight") == 5
+    assert first("blocks") == 0 and first("layers.0") == 0               # a part of a name: the first such row
+    assert first("nosuch") is None and Target("nosuch", names).exact is False
+    assert _Stop(None, names).hit(Row("forward", "output", "x", "x", "x", "T", "T", passed=False))
