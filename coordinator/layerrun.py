@@ -188,6 +188,8 @@ def replay(rc: RunContext, lmap: LayerMap, row: Row, inputs: dict[str, np.ndarra
                           f"in the model's own forward() around {row.label} (operations between layers: "
                           f"reshapes, masks, scaling, functional calls)")
         adv = advice_for(*_advice_keys(lmap, row, pair))
+        if adv is None and row.what == "output" and lmap.torch_modules.get(pair.torch, {}).get("children"):
+            adv = advice_for("container")   # a block of its own type: the code between its sublayers
         if adv:
             out["advice"] = adv
     elif row.passed:

@@ -245,6 +245,12 @@ def test_advice_is_data_keyed_by_type():
     assert "transpose" in " ".join(advice_for("Linear")["causes"]).lower() or \
         "[out, in]" in " ".join(advice_for("Linear")["causes"])
     assert advice_for("NoSuchLayer") is None
+    # torch's nn.Conv1d against paddle's nn.Conv1D is a convolution (padding first), while HF GPT-2's
+    # Conv1D alone is a Linear with [in, out] weights: exact names first (Conv1d got Linear advice)
+    assert "padding" in advice_for("Conv1d", "Conv1D")["causes"][0]
+    assert advice_for("Conv1D")["kind"] == "Linear"
+    assert "momentum" in " ".join(advice_for("BatchNorm2d", "BatchNorm2D")["causes"])
+    assert "gate order" in " ".join(advice_for("GRU", "GRU")["causes"])
 
 
 def _row(i, passed=True, err=1e-7):
