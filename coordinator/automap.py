@@ -106,6 +106,7 @@ class AutoMap:
     unmatched_torch: list[Module] = field(default_factory=list)
     unmatched_paddle: list[Module] = field(default_factory=list)
     ambiguous: list[str] = field(default_factory=list)
+    order_notes: list[str] = field(default_factory=list)   # interchangeable modules paired by order alone
     order: str = "registration"
 
     @property
@@ -149,6 +150,9 @@ class AutoMap:
         if tr:
             lines += ["", "# torch Linear stores [out, in], paddle Linear [in, out]", "[[transform]]",
                       "op = \"transpose\"", "keys = ["] + [f"  {q(k)}," for k in tr] + ["]"]
+        if self.order_notes:
+            lines += ["", "# Paired by order alone (same kind and shapes: check these if the port computes them in "
+                      "another order):"] + [f"#   {x}" for x in self.order_notes]
         lines += ["", "[ignore]",
                   "torch = [" + ", ".join(q(re.escape(p.name) + "$") for p in self.ignored_torch) + "]",
                   "paddle = [" + ", ".join(q(re.escape(p.name) + "$") for p in self.ignored_paddle) + "]"]
@@ -268,6 +272,7 @@ def automap(torch_params: list[Param], paddle_params: list[Param], torch_calls: 
     tmods, pmods = _modules(tparams, calls_t), _modules(paddle_params, calls_p)
     pairs = {i: (j, "") for i, j in _align(tmods, pmods)}
     taken_t, taken_p = _place_leftovers(tmods, pmods, pairs, result)
+    _interchangeable(tmods, pmods, pairs, result)
     for i, (j, note) in pairs.items():
         for pair in _pair_module(tmods[i], pmods[j]) or []:
             pair.note = "; ".join(x for x in (pair.note, note) if x)
@@ -278,6 +283,24 @@ def automap(torch_params: list[Param], paddle_params: list[Param], torch_calls: 
     result.unmatched_paddle = [m for j, m in enumerate(pmods)
                                if j not in {b for b, _ in pairs.values()} and j not in taken_p]
     return result
+
+
+def _interchangeable(tmods: list[Module], pmods: list[Module], pairs: dict[int, tuple[int, str]],
+                     result: AutoMap) -> None:
+    """Note each group of interchangeable modules (same kind and shapes) that only their order
+    paired: no shape can tell ``value`` from ``gate``, so a port that computes them in another
+    order is paired wrongly and fails later at the code that uses them. Said, not refused: the
+    order is right far more often than not (notes in the suggested TOML and on the console)."""
+    groups: dict[tuple, list[int]] = {}
+    for i in sorted(pairs):
+        groups.setdefault(_signature(tmods[i]), []).append(i)
+    for members in groups.values():
+        if len(members) < 2:
+            continue
+        shown = ", ".join(f"{tmods[i].path or '<root>'} -> {pmods[pairs[i][0]].path or '<root>'}" for i in members[:4])
+        more = f" and {len(members) - 4} more" if len(members) > 4 else ""
+        result.order_notes.append(f"{len(members)} x {tmods[members[0]].type_name} of the same shapes paired by "
+                                  f"{result.order} order only: {shown}{more}")
 
 
 def _place_leftovers(tmods: list[Module], pmods: list[Module], pairs: dict[int, tuple[int, str]],

@@ -190,6 +190,12 @@ def replay(rc: RunContext, lmap: LayerMap, row: Row, inputs: dict[str, np.ndarra
         adv = advice_for(*_advice_keys(lmap, row, pair))
         if adv is None and row.what == "output" and lmap.torch_modules.get(pair.torch, {}).get("children"):
             adv = advice_for("container")   # a block of its own type: the code between its sublayers
+        crossed = (rc.cache.get("automap") or {}).get("order_notes")
+        if crossed and (row.what == "input" or adv is None or adv.get("kind") == "container"):
+            adv = dict(adv or {"kind": "mapping", "causes": []})   # the code between layers uses what order paired
+            adv["causes"] = list(adv["causes"]) + [
+                f"the automatic mapping paired interchangeable modules by order alone ({crossed[0]}): if the port "
+                f"computes them in another order they are crossed; pair them in [keys] (automap.toml)"]
         if adv:
             out["advice"] = adv
     elif row.passed:

@@ -113,9 +113,12 @@ def choose_weight_map(rc: Any) -> WeightMap:
     path.write_text(found.to_toml(f"automatic mapping for torch {rc.opts.torch_model} -> paddle "
                                   f"{rc.opts.paddle_model}"))
     rc.cache["automap"] = {"pairs": len(found.pairs), "order": found.order, "file": str(path),
-                           "notes": {p.torch.name: p.note for p in found.pairs if p.note}}
+                           "notes": {p.torch.name: p.note for p in found.pairs if p.note},
+                           "order_notes": list(found.order_notes)}
     if not found.complete:
         raise MappingError(found.problems(), "automatic",
                            footer=f"(the partial mapping is in {path}: complete it and pass --mapping {path})")
     rc.say(f"  automatic mapping: {len(found.pairs)} tensors paired by {found.order} order -> {path.name}")
+    for note in found.order_notes:
+        rc.say(f"  note: {note} (if the port computes them in another order, pair them in [keys])")
     return found.to_weight_map(f"automatic ({path})")

@@ -143,3 +143,20 @@ def test_out_of_order_module_with_a_unique_counterpart_is_paired_and_noted():
     assert result.complete
     assert {x.torch.name: x.paddle.name for x in result.pairs} == \
         {"head.weight": "cls.weight", "head.bias": "cls.bias", "emb.weight": "embed.weight"}
+
+
+def test_interchangeable_modules_paired_by_order_alone_are_noted():
+    """Two 16x16 Linears (value, gate) can only be told apart by order: the pairing stands, a note
+    says which were paired that way (in the TOML and for the console); a model without such twins
+    gets none (the control)."""
+    t = [P("proj_a.weight", (16, 16), "Linear"), P("proj_a.bias", (16,), "Linear"),
+         P("proj_b.weight", (16, 16), "Linear"), P("proj_b.bias", (16,), "Linear"),
+         P("head.weight", (3, 16), "Linear"), P("head.bias", (3,), "Linear")]
+    p = [P("gate.weight", (16, 16), "Linear"), P("gate.bias", (16,), "Linear"),
+         P("value.weight", (16, 16), "Linear"), P("value.bias", (16,), "Linear"),
+         P("cls.weight", (16, 3), "Linear"), P("cls.bias", (3,), "Linear")]
+    found = automap(t, p, ["proj_a", "proj_b", "head"], ["gate", "value", "cls"])
+    assert found.complete and found.order_notes == [
+        "2 x Linear of the same shapes paired by call order only: proj_a -> gate, proj_b -> value"]
+    assert "#   2 x Linear of the same shapes paired by call order only" in found.to_toml("test")
+    assert automap(torch_cnn(), paddle_cnn()).order_notes == []

@@ -104,6 +104,8 @@ def _map_in(kw: dict, say, out: Path) -> int:
         say(f"paired {len(found.pairs)} tensors by {found.order} order "
             f"({sum(1 for p in found.pairs if 'transpose' in p.ops)} transposed, "
             f"{len(found.ignored_torch)} torch entries ignored)")
+        for note in found.order_notes:
+            say(f"  note: {note}")
         for problem in found.problems():
             say(f"  not mapped: {problem}")
         return ExitCode.ALIGNED if found.complete else ExitCode.DIVERGED
