@@ -25,9 +25,10 @@ HELP = """commands:
   stats          summary statistics of torch's and paddle's tensor and of their difference
   top [k]        the k positions with the largest absolute difference (default 5)
   replay         run this layer alone on torch's input on both sides: own error or inherited?
-  next | n       move to the next layer        prev | p   move to the previous layer
+  next [k] | n   move k rows on (default 1)     prev [k] | p   move k rows back
   continue | c   go on to the next divergent layer (or the end)
-  goto NAME      jump to a layer by torch or paddle name (a unique substring is enough)
+  goto NAME      jump to a layer by torch or paddle name (exact, else a part of one);
+                 NAME:input its input row, NAME:grad its gradient row, <model> the model
   list [n]       the rows around the current one (default 5 each side)
   where          show the current row again
   help           this text              quit | q   leave (the run directory keeps the report)"""
@@ -262,15 +263,23 @@ class Debugger:
         self.show()
 
     def c_next(self, args: list[str]) -> bool:
+        k = _count(args, 1)
+        if k is None:
+            self.say("usage: next [k]  (k a whole number >= 1)")
+            return False
         if self.pos >= len(self.rows) - 1:
             self.say("at the last row")
-        self._move(self.pos + 1)
+        self._move(self.pos + k)
         return False
 
     def c_prev(self, args: list[str]) -> bool:
+        k = _count(args, 1)
+        if k is None:
+            self.say("usage: prev [k]  (k a whole number >= 1)")
+            return False
         if self.pos == 0:
             self.say("at the first row")
-        self._move(self.pos - 1)
+        self._move(self.pos - k)
         return False
 
     def c_continue(self, args: list[str]) -> bool:
