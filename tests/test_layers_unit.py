@@ -454,9 +454,10 @@ def test_debugger_names_reach_the_output_row_and_name_input_the_input_row():
     dbg.rows = [Row("forward", "input", "ln:input", "ln", "norm", "LayerNorm"),
                 Row("forward", "output", "ln", "ln", "norm", "LayerNorm")]
     assert dbg.find("ln") == 1 and dbg.find("norm") == 1 and dbg.find("ln:input") == 0
-    stop = _Stop("ln")
+    names = {"ln", "norm"}
+    stop = _Stop("ln", names)
     assert not stop.hit(dbg.rows[0]) and stop.hit(dbg.rows[1])
-    assert _Stop("ln:input").hit(dbg.rows[0])
+    assert _Stop("ln:input", names).hit(dbg.rows[0])
 
 
 def test_an_ambiguous_name_part_says_which_layers_it_matches():
