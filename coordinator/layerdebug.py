@@ -200,9 +200,9 @@ class Debugger:
     def show(self) -> None:
         r = self.rows[self.pos]
         self.say(f"at row {self.pos + 1}/{len(self.rows)}:")
-        self.say(row_line(r))
-        if not r.passed:
-            self.say(f"  {r.reason}")
+        self.say(row_line(r))   # (its reason included when it fails)
+        layout = "; shape, positions and top in paddle's layout" if r.what == "param_grad" else ""
+        self.say(f"  <-> paddle {r.paddle or ROOT_NAME} [{r.paddle_type}]{layout}")
 
     def c_help(self, args: list[str]) -> bool:
         self.say(HELP)
