@@ -15,6 +15,7 @@ import paddle
 import paddle.nn.functional as F
 
 from protocol import factory as FF
+from protocol.shared import InjectError
 
 HF_TO_PADDLE_CONFIG = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
                        "intermediate_size", "hidden_act", "hidden_dropout_prob", "attention_probs_dropout_prob",
@@ -43,7 +44,7 @@ def build_bert(config: dict[str, Any], num_labels: int, inject: list[str]) -> pa
         elif parts[0] in OP_INJECTS:
             continue  # applied by the op that owns it (ops_*.py modules register their names)
         else:
-            raise ValueError(f"unknown inject {item!r} (known: ln_eps:L:EPS, gelu_tanh:L, "
+            raise InjectError(f"unknown inject {item!r} (known: ln_eps:L:EPS, gelu_tanh:L, "
                              f"{', '.join(sorted(OP_INJECTS))})")
     return model
 
@@ -59,7 +60,7 @@ def load_factory(body: dict[str, Any]) -> tuple[paddle.nn.Layer, dict]:
     spec, seed = str(body["preset"]), int(body.get("seed", 0))
     bad = [i for i in body.get("inject") or [] if i.split(":")[0] not in OP_INJECTS]
     if bad:
-        raise ValueError(f"inject {bad} applies to the BERT presets only, not to factory model {spec!r}")
+        raise InjectError(f"inject {bad} applies to the BERT presets only, not to factory model {spec!r}")
     fn = FF.import_factory(spec, list(body.get("sys_path") or []))
     paddle.seed(seed)
     loaded = FF.normalize(spec, FF.call_factory(fn, seed), lambda m: isinstance(m, paddle.nn.Layer),

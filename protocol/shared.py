@@ -5,6 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 
+class InjectError(ValueError):
+    """An ``--*-inject`` bug this worker cannot apply to this model: the command line's fault,
+    reported by the coordinator as a usage error (exit 2), matched by this type's name."""
+
+
 def inject_value(inject: list[str], name: str) -> str | None:
     """The value of ``name:<value>`` (or ``""`` for a bare flag) in the inject list, else None."""
     for item in inject:

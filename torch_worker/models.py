@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from protocol import factory as F
+from protocol.shared import InjectError
 
 # The factory result of the model loaded last (one model per worker): loss and optimizer
 # recipe for ops that train a factory model. ``factory_extras(model)`` reads it.
@@ -96,7 +97,7 @@ OP_INJECTS: set[str] = set()
 def load(body: dict[str, Any], device: str) -> tuple[torch.nn.Module, dict]:
     unknown = [i for i in body.get("inject") or [] if i.split(":")[0] not in OP_INJECTS]
     if unknown:   # a typo would otherwise switch the negative control off without a word
-        raise ValueError(f"unknown inject {unknown[0]!r} for the torch worker (known: {', '.join(sorted(OP_INJECTS))})")
+        raise InjectError(f"unknown inject {unknown[0]!r} for the torch worker (known: {', '.join(sorted(OP_INJECTS))})")
     preset = body.get("preset", "minilm")
     seed = int(body.get("seed", 0))
     num_labels = int(body.get("num_labels", 2))

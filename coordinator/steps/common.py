@@ -46,7 +46,7 @@ def _load(rc: RunContext, side: str, body: dict[str, Any]) -> dict[str, Any]:
         return rc.session.request(side, "load_model", body)
     except WorkerFailed as exc:
         msg = str(getattr(exc.remote, "message", ""))
-        if exc.remote.etype == "ValueError" and ("unknown inject" in msg or "applies to the BERT presets" in msg):
+        if exc.remote.etype == "InjectError":   # protocol.shared: a bug this worker cannot apply here
             raise UsageError(f"--{side}-inject: {msg}") from None
         if exc.remote.etype == "FactorySpecError":   # protocol.factory: the spec names nothing to call
             raise UsageError(f"--{side}-model: {msg}") from None
