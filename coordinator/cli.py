@@ -446,7 +446,8 @@ def _print_table(console, data: dict) -> None:
         t.add_column(col)
     for s in data.get("steps", []):
         worst = s.get("worst")
-        shown = "-" if worst is None else f"ratio {worst:.2f}" if s["name"] == "perf" else f"{worst:.3e}"
+        shown = ("-" if worst is None else f"ratio {worst:.2f}" if s["name"] == "perf" else
+                 f"{int(worst)} differ" if s["name"] == "data" else f"{worst:.3e}")
         t.add_row(Text(s["name"]), s["status"].upper(), shown,
                   Text(s.get("tolerance", "")), f"{s.get('seconds', 0):.1f}", Text(_clip(s.get("message") or "", 160)))
     console.print(t)

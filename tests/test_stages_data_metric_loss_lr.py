@@ -387,7 +387,9 @@ def test_each_negative_control_fails_its_step_and_is_named(broken):
     assert proc.returncode == ExitCode.DIVERGED, proc.stdout[-3000:] + proc.stderr[-3000:]
     st = _steps(out)
     assert [st[n]["status"] for n in STEPS.split(",")] == ["failed"] * 4
-    # data: the first sentence with a capital, at the token after [CLS]
+    # data: the first sentence with a capital, at the token after [CLS]; its figure counts the tensors
+    assert st["data"]["worst"] == (out / "data_diff.log").read_text().count("check passed: False") > 0
+    assert "differ" in proc.stdout.split("lockstep verdict", 1)[1].split("data", 1)[1].splitlines()[0]
     assert st["data"]["message"].startswith(
         "train item 1 (demo_train.tsv:3) 'The animated feature bored me so much that i walked out early.': "
         "input_ids differ first at token 1: torch 1996 'the' vs paddle 100 '[UNK]'")

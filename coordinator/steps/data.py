@@ -202,6 +202,8 @@ def run(rc: RunContext) -> StepResult:
         details["mismatches"] = [m.to_json(by_name[m.split], vocab) for m in mismatches[:SUMMARY_DIFFS]]
     result = finish(rc, "data", torch_d, paddle_d, diffs, tol, details)
     result.diffs = [d for d in diffs if not d.passed][:SUMMARY_DIFFS]
+    # the deciding figure: how many tensors differ (a token-id difference means nothing in itself)
+    result.worst = float(sum(1 for d in diffs if not d.passed))
     if mismatches:
         first = mismatches[0]
         counts = "; ".join(f"{n}: {s['items_differing']}/{s['examples']} items, "
