@@ -121,28 +121,23 @@ def _worker_specs(opts, no_create: bool, say) -> dict:
     cores = os.cpu_count() or 1
     schedule, _ = choose_schedule(opts.schedule, opts.torch_device, opts.paddle_device, cores)
     threads = worker_threads(schedule, cores, opts.threads)  # parallel on CPU: the cores are split
+    devices = {"torch": opts.torch_device, "paddle": opts.paddle_device}
+    managed = {name: E.env_spec(name, opts.env_set if opts.env_set != "auto" else
+                                ("cpu" if device == "cpu" else "gpu"))
+               for name, device in devices.items() if not os.environ.get(f"LOCKSTEP_WORKER_ARGV_{name.upper()}")}
     if no_create:   # every missing environment named at once, not one per attempt
-        missing = []
-        for name in ("torch", "paddle"):
-            device = opts.torch_device if name == "torch" else opts.paddle_device
-            if not os.environ.get(f"LOCKSTEP_WORKER_ARGV_{name.upper()}"):
-                spec = E.env_spec(name, opts.env_set if opts.env_set != "auto" else
-                                  ("cpu" if device == "cpu" else "gpu"))
-                if not spec.ready():
-                    missing.append(spec)
+        missing = [spec for spec in managed.values() if not spec.ready()]
         if len(missing) > 1:
             raise E.EnvironmentProblem("the torch and paddle environments are not built (" + ", ".join(
                 f"{s.name} ({s.env_set}) at {s.path}" for s in missing) + "); run: " +
                 "; ".join(s.fix_command() for s in missing))
     for name in ("torch", "paddle"):
         override = os.environ.get(f"LOCKSTEP_WORKER_ARGV_{name.upper()}")
-        device = opts.torch_device if name == "torch" else opts.paddle_device
-        env = worker_env(name, device, threads[name])
+        env = worker_env(name, devices[name], threads[name])
         if override:
             argv = json.loads(override)
         else:
-            env_set = opts.env_set if opts.env_set != "auto" else ("cpu" if device == "cpu" else "gpu")
-            spec = E.env_spec(name, env_set)
+            spec = managed[name]
             if not spec.ready():
                 if no_create:
                     E.require_ready(spec)
