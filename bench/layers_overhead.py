@@ -182,7 +182,8 @@ def main() -> int:
                 failed = sum(1 for r in cap.diff.rows if not r.passed)
                 res.setdefault("live", {}).setdefault(phase, []).append(
                     {"wall": wall, "rows": len(cap.diff.rows), "failed": failed,
-                     "held_peak_bytes": cap.stats["held_peak_bytes"], "spilled_bytes": cap.stats["spilled_bytes"]})
+                     "held_peak_bytes": cap.stats["held_peak_bytes"], "spilled_bytes": cap.stats["spilled_bytes"],
+                     "direct_copies": cap.stats.get("direct_copies", {})})
                 cap.diff.close()
         summary = summarize(res)
         summary["config"] = {"model": "ffn stack (bench/models)" if a.factory else "bert",
@@ -192,6 +193,7 @@ def main() -> int:
                              "cpus": os.cpu_count(), "reps": a.reps,
                              "diff_threads": diff_threads(int(rc.param("layers_diff_threads"))),
                              "copy_threads": a.copy_threads or "auto",
+                             "d2h_direct": os.environ.get("LOCKSTEP_D2H_DIRECT", "1"),
                              "pairs": len(lmap.pairs), "hold_mib": float(rc.param("layers_hold_mib"))}
         summary["coordinator_peak_rss_mib"] = round(_vm("VmHWM"), 1)
         summary["coordinator_peak_rss_after_convert_mib"] = round(rss_after_convert, 1)
@@ -240,7 +242,8 @@ def summarize(res: dict) -> dict:
         "failed_rows": [r["failed"] for r in live["live_fwd"] + live["live_bwd"]],
         "held_peak_mib_fwd": round(max(r["held_peak_bytes"] for r in live["live_fwd"]) / 2**20, 1),
         "held_peak_mib_bwd": round(max(r["held_peak_bytes"] for r in live["live_bwd"]) / 2**20, 1),
-        "spilled_mib": round(max(r["spilled_bytes"] for r in live["live_fwd"] + live["live_bwd"]) / 2**20, 1)}
+        "spilled_mib": round(max(r["spilled_bytes"] for r in live["live_fwd"] + live["live_bwd"]) / 2**20, 1),
+        "direct_copies_fwd": live["live_fwd"][0].get("direct_copies", {})}
     # Paired within each repetition (the live step against the plain passes of the same rep, run
     # seconds apart): the machine's drift between reps (+-30 % here) cancels out of each ratio.
     for phase, plain in (("fwd", "fwd_plain"), ("bwd", "bwd_plain")):

@@ -89,6 +89,8 @@ def capture(rc: RunContext, lmap: LayerMap, inputs: dict[str, np.ndarray], tol: 
         stats = ld.finish()
     stats["worker_seconds"] = {"torch": replies[0].get("seconds"), "paddle": replies[1].get("seconds")}
     stats["hook_seconds"] = {"torch": replies[0].get("hook_seconds"), "paddle": replies[1].get("hook_seconds")}
+    # tensors a worker copied from its GPU straight into the shared ring (torch_worker.adapter.to_wire)
+    stats["direct_copies"] = {"torch": replies[0].get("direct_copies", 0), "paddle": replies[1].get("direct_copies", 0)}
     if backward:
         stats["loss"] = {"torch": replies[0].get("loss"), "paddle": replies[1].get("loss")}
     return Capture(ld, replies, stats)

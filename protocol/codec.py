@@ -90,6 +90,27 @@ class BFloat16:
             bool(np.array_equal(self.bits, other.bits))
 
 
+class HostCopy:
+    """A tensor that is not in host memory yet (a GPU tensor): ``encode`` copies it once, straight
+    into the shared ring when there is one and it has room, instead of into a host array that is
+    then copied again. Elsewhere (frames, no ring, a small tensor) ``host()`` makes the array.
+
+    ``fill(dst)`` writes the tensor into ``dst``, a C-contiguous writable array of ``dtype`` and
+    ``shape``, before it returns (``encode`` snapshots, as for any array). ``dtype`` must be one
+    of ``DTYPES``; ``host()`` returns an array of it and ``shape``.
+    """
+
+    __slots__ = ("dtype", "shape", "nbytes", "fill", "host")
+
+    def __init__(self, dtype: Any, shape: tuple[int, ...], fill: Any, host: Any):
+        self.dtype = np.dtype(dtype)
+        if self.dtype.name not in DTYPES or self.dtype != DTYPES[self.dtype.name]:
+            raise TypeError(f"HostCopy of dtype {self.dtype} (allowed: {', '.join(DTYPES)})")
+        self.shape = tuple(int(d) for d in shape)
+        self.nbytes = math.prod(self.shape) * self.dtype.itemsize
+        self.fill, self.host = fill, host
+
+
 @dataclass
 class Message:
     kind: str
@@ -128,6 +149,16 @@ def encode(kind: str, id: int, op: str, body: Any = None, version: int | None = 
     in_ring: list[tuple[int, int]] = []  # regions to hand back if the message is never sent
 
     def default(obj: Any) -> Any:
+        if isinstance(obj, HostCopy):
+            if shm is not None:
+                offset = shm.put_with(obj.nbytes, lambda dst: obj.fill(dst.view(obj.dtype).reshape(obj.shape)))
+                if offset is not None:
+                    in_ring.append((offset, obj.nbytes))
+                    table.append([obj.dtype.name, list(obj.shape), 0, offset])
+                    return msgpack.ExtType(EXT_ARRAY, struct.pack("<I", len(table) - 1))
+            obj = obj.host()
+            if not isinstance(obj, np.ndarray):
+                raise TypeError(f"HostCopy.host() returned {type(obj).__name__}, not an ndarray")
         if isinstance(obj, BFloat16):
             arr, dtype_name = _as_le_contiguous(obj.bits), BF16
         elif isinstance(obj, np.ndarray):

@@ -216,7 +216,13 @@ class RingWriter(_Ring):
 
     def put(self, raw: np.ndarray) -> int | None:
         """Copy the uint8 bytes ``raw`` into the first free run of pages; its offset, or None."""
-        n = raw.size
+        return self.put_with(raw.size, lambda dst: self._copy(dst, raw))
+
+    def put_with(self, n: int, fill: Any) -> int | None:
+        """Reserve the first free run of pages for ``n`` bytes and let ``fill(dst)`` write them
+        (``dst``: a uint8 view of the run; a GPU tensor is copied device-to-ring this way, with no
+        host array in between); its offset, or None when there is no room. If ``fill`` raises,
+        the pages are free again."""
         if n < MIN_BYTES or n > self.size:
             return None
         need = math.ceil(n / PAGE)
@@ -230,9 +236,13 @@ class RingWriter(_Ring):
             return None
         self.pagemap[first:first + need] = 1
         offset = first * PAGE
-        if offset + n > self.touched:
-            self.populate(offset + n)
-        self._copy(self.data[offset:offset + n], raw)
+        try:
+            if offset + n > self.touched:
+                self.populate(offset + n)
+            fill(self.data[offset:offset + n])
+        except BaseException:
+            self.pagemap[first:first + need] = 0
+            raise
         self.tensors += 1
         self.bytes += n
         return offset

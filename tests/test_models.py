@@ -215,6 +215,28 @@ def test_buggy_cnn_layers_and_loss_steps_name_the_layer(tmp_path):
     assert steps["loss"]["status"] == "failed" and "the outputs already differ (output" in steps["loss"]["message"]
 
 
+@pytest.mark.timeout(240)
+def test_device_to_ring_copies_keep_the_layer_verdicts(tmp_path):
+    """The path a GPU tensor takes in a capture (one copy from the device straight into the shared
+    ring, torch_worker.adapter.to_wire), forced for CPU tensors with LOCKSTEP_D2H_DIRECT=all: the
+    correct port aligns with every large tensor sent that way, and the buggy port (negative
+    control) still fails at bn1, its own error."""
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    proc = cli(["run", "--steps", "weights,layers", "--out", str(good), "--no-create", *CNN], LOCKSTEP_D2H_DIRECT="all")
+    assert proc.returncode == ExitCode.ALIGNED, text(proc)[-3000:]
+    layers = steps_of(good)["layers"]["details"]
+    direct = layers["forward"]["stats"]["direct_copies"]
+    assert direct["torch"] >= 3 and direct["paddle"] == 0, direct   # the conv/bn outputs (128 KB each)
+    assert layers["backward"]["stats"]["direct_copies"]["torch"] >= 3
+    assert layers["forward"]["failed"] == 0 and layers["forward"]["compared"] == 12
+    proc = cli(["run", "--steps", "weights,layers", "--out", str(bad), "--no-create", *CNN[:2],
+                "--paddle-model", "examples.cnn_buggy.paddle_model:build"], LOCKSTEP_D2H_DIRECT="all")
+    assert proc.returncode == ExitCode.DIVERGED, text(proc)[-3000:]
+    first = steps_of(bad)["layers"]["details"]["forward"]["first"]
+    assert (first["torch"], first["paddle"], first["isolation"]["verdict"]) == ("features.1", "bn1", "own")
+    assert steps_of(bad)["layers"]["details"]["forward"]["stats"]["direct_copies"]["torch"] >= 3
+
+
 REGRESSION = """
 import numpy as np
 {imports}

@@ -322,3 +322,56 @@ def test_copy_threads_setting():
     assert shm.copy_threads({"LOCKSTEP_THREADS": "8", "LOCKSTEP_COPY_THREADS": "2"}) == 2
     assert shm.copy_threads({"LOCKSTEP_COPY_THREADS": "x"}) == 1
     assert shm.copy_threads({}) == 1
+
+
+def _host_copy(src: np.ndarray, calls: list) -> codec.HostCopy:
+    """What torch_worker.adapter.to_wire makes of a GPU tensor, with a numpy array as the 'device'."""
+    def fill(dst):
+        calls.append(("fill", dst.dtype, dst.shape, dst.flags.c_contiguous and dst.flags.writeable))
+        dst[...] = src
+    return codec.HostCopy(src.dtype, src.shape, fill, lambda: (calls.append(("host",)), src.copy())[1])
+
+
+def test_host_copy_is_written_straight_into_the_ring(ring):
+    reader, writer = ring
+    src = np.arange(300_000, dtype=np.float32).reshape(300, 1000)
+    calls: list = []
+    frames, msg = roundtrip(writer, reader, {"t": _host_copy(src, calls)}, kind="partial")
+    assert calls == [("fill", np.dtype(np.float32), (300, 1000), True)]   # no host array in between
+    assert len(frames) == 1 and reader.tensors == 1
+    np.testing.assert_array_equal(msg.body["t"], src)
+    assert not msg.body["t"].flags.owndata
+
+
+def test_host_copy_without_ring_or_too_small_becomes_a_host_array(ring):
+    reader, writer = ring
+    src = np.arange(300_000, dtype=np.float32)
+    calls: list = []
+    msg = codec.decode([bytes(f) for f in codec.encode("partial", 1, "op", {"t": _host_copy(src, calls)})])
+    assert calls == [("host",)]
+    np.testing.assert_array_equal(msg.body["t"], src)
+    small = np.arange(10, dtype=np.int64)
+    _, msg = roundtrip(writer, reader, {"t": _host_copy(small, calls)})
+    assert calls[-1] == ("host",) and reader.tensors == 0
+    np.testing.assert_array_equal(msg.body["t"], small)
+
+
+def test_host_copy_that_fails_frees_its_pages_and_names_the_op(ring):
+    reader, writer = ring
+    ok = np.ones(MIB // 4, np.float32)
+
+    def broken(dst):
+        raise RuntimeError("CUDA error: an illegal memory access")
+    bad = codec.HostCopy(np.float32, (MIB // 4,), broken, lambda: ok)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        codec.encode("partial", 1, "capture_layers", {"a": ok, "b": bad}, shm=writer)
+    assert int(writer.pagemap.sum()) == 0        # neither the first tensor's pages nor the failed one's stay taken
+    _, msg = roundtrip(writer, reader, {"a": ok})
+    assert reader.in_use_bytes() == MIB
+
+
+def test_host_copy_refuses_dtypes_the_wire_does_not_carry():
+    with pytest.raises(TypeError, match="HostCopy of dtype complex64"):
+        codec.HostCopy(np.complex64, (4,), lambda d: None, lambda: None)
+    with pytest.raises(TypeError, match=">f4"):
+        codec.HostCopy(np.dtype(">f4"), (4,), lambda d: None, lambda: None)

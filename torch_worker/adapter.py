@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from protocol.adapter import Adapter
-from protocol.codec import BFloat16
+from protocol.codec import DTYPES, BFloat16, HostCopy
 
 
 def to_numpy(t: torch.Tensor, copy: bool = True) -> Any:
@@ -25,6 +25,38 @@ def to_numpy(t: torch.Tensor, copy: bool = True) -> Any:
     if t.dtype == torch.bfloat16:
         return BFloat16(t.view(torch.int16).numpy().view(np.uint16).copy())
     return t.numpy().copy() if copy else t.numpy()
+
+
+def _direct_mode() -> str:
+    """``LOCKSTEP_D2H_DIRECT``: ``1`` (default) GPU tensors go device-to-ring in one copy; ``0`` off
+    (``.cpu()`` then a copy into the ring: the benchmark's baseline); ``all`` CPU tensors take the
+    same path too (tests exercise it without a GPU)."""
+    v = os.environ.get("LOCKSTEP_D2H_DIRECT", "1").strip().lower()
+    return v if v in ("0", "1", "all") else "1"
+
+
+DIRECT_COPIES = [0]   # tensors copied device-to-ring so far (the capture reply reports its share)
+
+
+def to_wire(t: torch.Tensor) -> Any:
+    """A tensor to hand to ``ctx.partial`` or put in a reply, where ``to_numpy(copy=False)``'s rule
+    holds (the encoder snapshots it before anything changes it). A GPU tensor becomes a
+    ``HostCopy``: copied once, from the device straight into the shared ring, instead of ``.cpu()``
+    into a fresh host tensor and then into the ring (bench/RESULTS.md, layer capture)."""
+    t = t.detach()
+    mode = _direct_mode()
+    if mode == "0" or (t.device.type == "cpu" and mode != "all") or t.dtype == torch.bfloat16:
+        return to_numpy(t, copy=False)
+    dtype = torch.empty(0, dtype=t.dtype).numpy().dtype
+    if dtype.name not in DTYPES:
+        return to_numpy(t, copy=False)
+    shape = tuple(t.shape)
+
+    def fill(dst: np.ndarray) -> None:
+        torch.from_numpy(dst).copy_(t)   # synchronous: the bytes are in the ring on return
+        DIRECT_COPIES[0] += 1
+
+    return HostCopy(dtype, shape, fill, lambda: to_numpy(t, copy=False))
 
 
 def from_numpy(a: Any, device: str = "cpu") -> torch.Tensor:

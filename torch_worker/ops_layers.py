@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from .adapter import from_numpy, to_numpy
+from .adapter import DIRECT_COPIES, from_numpy, to_numpy, to_wire
 from protocol.shared import NoHooks as _NoHooks
 
 WINDOW = 16   # recent outputs remembered for input references (they stay alive while listed)
@@ -140,7 +140,7 @@ class _Capture:
                 if sent:
                     ev["ref"] = sent
                 else:
-                    ev["tensor"] = to_numpy(x, copy=False)  # send() = ctx.partial: snapshots
+                    ev["tensor"] = to_wire(x)  # send() = ctx.partial: snapshots
                     ev["made_by"] = made_by
             self.send(ev)
             self.seconds += time.perf_counter() - t0
@@ -164,7 +164,7 @@ class _Capture:
                 if same:
                     ev["same_as"] = same        # the coordinator has these bytes already
                 else:
-                    ev["tensor"] = to_numpy(y, copy=False)
+                    ev["tensor"] = to_wire(y)
                 if self.backward and y.requires_grad:
                     self.handles.append(y.register_hook(self._grad(name)))
             self.send(ev)
@@ -174,7 +174,7 @@ class _Capture:
     def _grad(self, name: str) -> Callable:
         def hook(g: torch.Tensor) -> None:
             t0 = time.perf_counter()
-            self.send({"ev": "grad", "module": name, "seq": self._next(), "tensor": to_numpy(g, copy=False)})
+            self.send({"ev": "grad", "module": name, "seq": self._next(), "tensor": to_wire(g)})
             self.seconds += time.perf_counter() - t0
         return hook
 
@@ -187,7 +187,7 @@ class _Capture:
     def _param_grad(self, pname: str) -> Callable:
         def hook(g: torch.Tensor) -> None:
             t0 = time.perf_counter()
-            self.send({"ev": "param_grad", "param": pname, "seq": self._next(), "tensor": to_numpy(g, copy=False)})
+            self.send({"ev": "param_grad", "param": pname, "seq": self._next(), "tensor": to_wire(g)})
             self.seconds += time.perf_counter() - t0
         return hook
 
@@ -231,7 +231,7 @@ class LayerOps:
         inputs = {k: from_numpy(v, self.device) for k, v in body["inputs"].items()}
         backward = bool(body.get("backward"))
         self._layer_calls: dict[str, tuple] = {}
-        t0 = time.perf_counter()
+        t0, direct0 = time.perf_counter(), DIRECT_COPIES[0]
         send = functools.partial(ctx.partial, batch=True)  # a message per hook: batched (RequestContext.partial)
         cap_cm = _Capture(model, body.get("modules"), send, backward, self._layer_calls,
                           bool(body.get("forward_events", True))) if body.get("hooks", True) else _NoHooks()
@@ -254,7 +254,8 @@ class LayerOps:
             else:
                 with torch.no_grad():
                     out = models.forward(model, self.model_info, inputs)
-            reply.update(seconds=time.perf_counter() - t0, hook_seconds=cap.seconds, events=cap.seq)
+            reply.update(seconds=time.perf_counter() - t0, hook_seconds=cap.seconds, events=cap.seq,
+                         direct_copies=DIRECT_COPIES[0] - direct0)
         return reply
 
     def op_replay(self, body: dict, ctx: Any) -> dict:
