@@ -193,7 +193,7 @@ def main() -> int:
                              "cpus": os.cpu_count(), "reps": a.reps,
                              "diff_threads": diff_threads(int(rc.param("layers_diff_threads"))),
                              "copy_threads": a.copy_threads or "auto",
-                             "d2h_direct": os.environ.get("LOCKSTEP_D2H_DIRECT", "1"),
+                             "direct_copy": os.environ.get("LOCKSTEP_DIRECT_COPY", "1"),
                              "pairs": len(lmap.pairs), "hold_mib": float(rc.param("layers_hold_mib"))}
         summary["coordinator_peak_rss_mib"] = round(_vm("VmHWM"), 1)
         summary["coordinator_peak_rss_after_convert_mib"] = round(rss_after_convert, 1)

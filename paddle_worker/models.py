@@ -37,16 +37,38 @@ def build_bert(config: dict[str, Any], num_labels: int, inject: list[str]) -> pa
     layers = model.bert.encoder.layers
     for item in inject:
         parts = item.split(":")
-        if parts[0] == "ln_eps":
-            layers[int(parts[1])].norm1._epsilon = float(parts[2])
-        elif parts[0] == "gelu_tanh":
-            layers[int(parts[1])].activation = lambda x: F.gelu(x, approximate=True)
+        if parts[0] in BUILDER_INJECTS:
+            layer, eps = _builder_inject(item, parts, len(layers))
+            if parts[0] == "ln_eps":
+                layers[layer].norm1._epsilon = eps
+            else:
+                layers[layer].activation = lambda x: F.gelu(x, approximate=True)
         elif parts[0] in OP_INJECTS:
             continue  # applied by the op that owns it (ops_*.py modules register their names)
         else:
             raise InjectError(f"unknown inject {item!r} (known: ln_eps:L:EPS, gelu_tanh:L, "
                              f"{', '.join(sorted(OP_INJECTS))})")
     return model
+
+
+def _builder_inject(item: str, parts: list[str], n_layers: int) -> tuple[int, float]:
+    """(encoder layer, epsilon) of ``ln_eps:L:EPS`` / ``gelu_tanh:L``; a malformed one or a layer the
+    model does not have is the command line's fault (InjectError: exit 2), not the op's."""
+    form = "ln_eps:L:EPS" if parts[0] == "ln_eps" else "gelu_tanh:L"
+    want = 3 if parts[0] == "ln_eps" else 2
+    try:
+        if len(parts) != want:
+            raise ValueError
+        layer = int(parts[1])
+        eps = float(parts[2]) if want == 3 else 0.0
+    except ValueError:
+        raise InjectError(f"inject {item!r} is malformed (form: {form}, e.g. "
+                          f"{'ln_eps:3:1e-5' if want == 3 else 'gelu_tanh:2'})") from None
+    if not 0 <= layer < n_layers:
+        raise InjectError(f"inject {item!r}: the model has encoder layers 0..{n_layers - 1}")
+    if want == 3 and not 0 < eps <= 1e-3:   # paddle's LayerNorm refuses more than 1e-3 when it runs
+        raise InjectError(f"inject {item!r}: the epsilon must be in (0, 1e-3] (paddle's LayerNorm limit)")
+    return layer, eps
 
 
 # The factory result of the model loaded last (one model per worker): see factory_extras.

@@ -72,14 +72,15 @@ for ph in ("fwd", "bwd"):
     print(f"  live {ph} {L[ph + '_wall_s']} s vs both plain {L[ph + '_both_plain_s']} s: {L[ph + '_vs_both_plain_pct']}% "
           f"(paired {L[ph + '_vs_both_plain_pct_paired']})")
 c = s["config"]
-print(f"  diff threads {c['diff_threads']}, copy threads {c['copy_threads']}, d2h direct {c.get('d2h_direct')} "
+print(f"  diff threads {c['diff_threads']}, copy threads {c['copy_threads']}, direct copy {c.get('direct_copy')} "
       f"(copies {L.get('direct_copies_fwd')}), failed rows {L['failed_rows']}")
 PY
   }
   # most telling first: whatever the call's limit cuts off is the least needed
   lo gpu_direct --schedule parallel --threads 8 --torch-device cuda:0
-  LOCKSTEP_D2H_DIRECT=0 lo gpu_d2h0 --schedule parallel --threads 8 --torch-device cuda:0
+  LOCKSTEP_DIRECT_COPY=0 lo gpu_host --schedule parallel --threads 8 --torch-device cuda:0
   lo par8_auto --schedule parallel --threads 8
+  LOCKSTEP_DIRECT_COPY=0 lo par8_host --schedule parallel --threads 8
   lo par8_base --schedule parallel --threads 8 --diff-threads 1 --copy-threads 1
   lo alt16_auto --schedule alternate --threads 16
   lo alt16_base --schedule alternate --threads 16 --diff-threads 1 --copy-threads 1

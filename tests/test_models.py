@@ -93,6 +93,21 @@ def test_bert_preset_negative_control_untransposed_query(tiny_bert, tmp_path):
     assert {d["name"] for d in forward["diffs"] if not d["passed"]} == {"logits", "pooled", "last_hidden"}
 
 
+@pytest.mark.timeout(180)
+def test_builder_injects_are_checked_before_they_are_applied(tiny_bert, tmp_path):
+    """A malformed ``ln_eps``/``gelu_tanh`` or a layer the model lacks is the command line's fault
+    (exit 2 naming the form), not a worker error (exit 7); a well-formed one still breaks the port."""
+    bert = ["--torch-model", "bert", "--paddle-model", "bert", "--model-path", str(tiny_bert)]
+    for item, says in (("ln_eps:x:1e-5", "is malformed (form: ln_eps:L:EPS"), ("gelu_tanh", "is malformed (form: gelu_tanh:L"),
+                       ("ln_eps:5:1e-5", "the model has encoder layers 0..1"), ("ln_eps:0:-1", "must be in (0, 1e-3]"),
+                       ("ln_eps:0:0.1", "paddle's LayerNorm limit")):
+        proc = run(tmp_path / item.replace(":", "_"), *bert, "--paddle-inject", item)
+        assert proc.returncode == ExitCode.USAGE, (item, text(proc)[-3000:])
+        assert says in " ".join(text(proc).split()), (item, text(proc)[-3000:])
+    proc = run(tmp_path / "ok", *bert, "--paddle-inject", "ln_eps:1:1e-3")
+    assert proc.returncode == ExitCode.DIVERGED, text(proc)[-3000:]
+
+
 # -- factories, automatic mapping, and the buggy port -------------------------------------------
 @pytest.fixture(scope="module")
 def cnn_run(tmp_path_factory):
@@ -216,25 +231,34 @@ def test_buggy_cnn_layers_and_loss_steps_name_the_layer(tmp_path):
 
 
 @pytest.mark.timeout(240)
-def test_device_to_ring_copies_keep_the_layer_verdicts(tmp_path):
-    """The path a GPU tensor takes in a capture (one copy from the device straight into the shared
-    ring, torch_worker.adapter.to_wire), forced for CPU tensors with LOCKSTEP_D2H_DIRECT=all: the
-    correct port aligns with every large tensor sent that way, and the buggy port (negative
-    control) still fails at bn1, its own error."""
-    good, bad = tmp_path / "good", tmp_path / "bad"
-    proc = cli(["run", "--steps", "weights,layers", "--out", str(good), "--no-create", *CNN], LOCKSTEP_D2H_DIRECT="all")
-    assert proc.returncode == ExitCode.ALIGNED, text(proc)[-3000:]
-    layers = steps_of(good)["layers"]["details"]
-    direct = layers["forward"]["stats"]["direct_copies"]
-    assert direct["torch"] >= 3 and direct["paddle"] == 0, direct   # the conv/bn outputs (128 KB each)
-    assert layers["backward"]["stats"]["direct_copies"]["torch"] >= 3
-    assert layers["forward"]["failed"] == 0 and layers["forward"]["compared"] == 12
+def test_streamed_tensors_are_copied_straight_into_the_ring_and_the_older_path_still_works(tmp_path):
+    """A capture's large torch tensors are copied by torch itself straight into the shared ring
+    (torch_worker.adapter.to_wire; a GPU tensor: device to ring, no host array in between);
+    LOCKSTEP_DIRECT_COPY=0 takes the older path through a numpy array. Both give the same rows.
+    The buggy port (negative control) fails at bn1 on the older path too (the default path's
+    negative control: test_buggy_cnn_layers_and_loss_steps_name_the_layer)."""
+    rows = {}
+    for mode in ("1", "0"):
+        out = tmp_path / f"direct{mode}"
+        proc = cli(["run", "--steps", "weights,layers", "--out", str(out), "--no-create", *CNN],
+                   LOCKSTEP_DIRECT_COPY=mode)
+        assert proc.returncode == ExitCode.ALIGNED, text(proc)[-3000:]
+        layers = steps_of(out)["layers"]["details"]
+        direct = layers["forward"]["stats"]["direct_copies"]
+        if mode == "1":   # the conv/bn outputs (128 KB each) go into the ring; paddle has no such path
+            assert direct["torch"] >= 3 and direct["paddle"] == 0, direct
+            assert layers["backward"]["stats"]["direct_copies"]["torch"] >= 3
+        else:
+            assert direct == {"torch": 0, "paddle": 0}, direct
+        assert layers["forward"]["failed"] == 0 and layers["forward"]["compared"] == 12
+        rows[mode] = [(r["key"], r["max_abs"]) for r in layers["forward"]["rows"] + layers["backward"]["rows"]]
+    assert rows["1"] == rows["0"]
+    bad = tmp_path / "bad"
     proc = cli(["run", "--steps", "weights,layers", "--out", str(bad), "--no-create", *CNN[:2],
-                "--paddle-model", "examples.cnn_buggy.paddle_model:build"], LOCKSTEP_D2H_DIRECT="all")
+                "--paddle-model", "examples.cnn_buggy.paddle_model:build"], LOCKSTEP_DIRECT_COPY="0")
     assert proc.returncode == ExitCode.DIVERGED, text(proc)[-3000:]
     first = steps_of(bad)["layers"]["details"]["forward"]["first"]
     assert (first["torch"], first["paddle"], first["isolation"]["verdict"]) == ("features.1", "bn1", "own")
-    assert steps_of(bad)["layers"]["details"]["forward"]["stats"]["direct_copies"]["torch"] >= 3
 
 
 REGRESSION = """

@@ -27,36 +27,37 @@ def to_numpy(t: torch.Tensor, copy: bool = True) -> Any:
     return t.numpy().copy() if copy else t.numpy()
 
 
-def _direct_mode() -> str:
-    """``LOCKSTEP_D2H_DIRECT``: ``1`` (default) GPU tensors go device-to-ring in one copy; ``0`` off
-    (``.cpu()`` then a copy into the ring: the benchmark's baseline); ``all`` CPU tensors take the
-    same path too (tests exercise it without a GPU)."""
-    v = os.environ.get("LOCKSTEP_D2H_DIRECT", "1").strip().lower()
-    return v if v in ("0", "1", "all") else "1"
+def _direct() -> bool:
+    """``LOCKSTEP_DIRECT_COPY``: ``1`` (default) a streamed tensor is copied by torch itself, once,
+    straight into the shared ring; ``0``: through a host numpy array (``.cpu()`` for a GPU tensor)
+    and numpy's copy into the ring, the older path (the benchmark's baseline)."""
+    return os.environ.get("LOCKSTEP_DIRECT_COPY", "1").strip() != "0"
 
 
-DIRECT_COPIES = [0]   # tensors copied device-to-ring so far (the capture reply reports its share)
+DIRECT_COPIES = [0]   # tensors copied straight into the ring so far (the capture reply reports its share)
 
 
 def to_wire(t: torch.Tensor) -> Any:
-    """A tensor to hand to ``ctx.partial`` or put in a reply, where ``to_numpy(copy=False)``'s rule
-    holds (the encoder snapshots it before anything changes it). A GPU tensor becomes a
-    ``HostCopy``: copied once, from the device straight into the shared ring, instead of ``.cpu()``
-    into a fresh host tensor and then into the ring (bench/RESULTS.md, layer capture)."""
+    """A tensor to hand to ``ctx.partial`` (whose encoder snapshots it before anything changes it).
+
+    It becomes a ``HostCopy``: when it goes into the shared ring, torch copies it there itself,
+    once. For a GPU tensor that is one device-to-ring copy instead of ``.cpu()`` into a fresh
+    host tensor and a second copy into the ring; for a CPU tensor torch's copy runs on its own
+    intra-op threads and takes any strides, where numpy's is one thread (a transposed view: two
+    copies). Measured in bench/RESULTS.md (layer capture). A tensor that goes as frames (no ring,
+    too small, no room) is made a host array as before."""
     t = t.detach()
-    mode = _direct_mode()
-    if mode == "0" or (t.device.type == "cpu" and mode != "all") or t.dtype == torch.bfloat16:
+    if not _direct() or t.dtype == torch.bfloat16:
         return to_numpy(t, copy=False)
     dtype = torch.empty(0, dtype=t.dtype).numpy().dtype
     if dtype.name not in DTYPES:
         return to_numpy(t, copy=False)
-    shape = tuple(t.shape)
 
     def fill(dst: np.ndarray) -> None:
         torch.from_numpy(dst).copy_(t)   # synchronous: the bytes are in the ring on return
         DIRECT_COPIES[0] += 1
 
-    return HostCopy(dtype, shape, fill, lambda: to_numpy(t, copy=False))
+    return HostCopy(dtype, tuple(t.shape), fill, lambda: to_numpy(t, copy=False))
 
 
 def from_numpy(a: Any, device: str = "cpu") -> torch.Tensor:
