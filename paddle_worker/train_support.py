@@ -17,8 +17,9 @@ import paddle
 from protocol.masks import DropoutLog, keep_scale
 from protocol.shared import inject_value  # noqa: F401  (re-exported for the ops modules)
 
-# Injects this module applies (negative controls): adamw_eps:<eps>, adamw_wd_all, dropout_native.
-INJECT_NAMES = ("adamw_eps", "adamw_wd_all", "dropout_native")
+# Injects this module applies (negative controls): adamw_eps:<eps>, adamw_wd_all, dropout_native,
+# grad_scale:<factor> (the last trained parameter's gradient, scaled before the reply and the update).
+INJECT_NAMES = ("adamw_eps", "adamw_wd_all", "dropout_native", "grad_scale")
 
 NO_DECAY = ["bias", "norm"]   # the guide's paddle recipe: PaddleNLP names LayerNorms *norm*
 

@@ -14,6 +14,7 @@ Robustness faults (tests/test_faults.py): <op> may also be ``hello`` (before HEL
   garbageonly@forward  send a malformed message instead of the reply, then hang
   dup@forward, stale@forward  an extra duplicate reply / a reply with a stale request id
   nested@forward    the logits as a nested dict (a reply no step expects)
+  badset@set_weights  store one element of the first key one ULP off (a silently lossy weight load)
 ``LOCKSTEP_FAKE_STAMP_DIR`` (optional): write ``<flavor>.pid`` at start and
 ``<flavor>.<fault>`` (holding time.time()) just before a fault fires, so tests can
 measure detection time and find the processes.
@@ -113,6 +114,9 @@ class FakeAdapter(Adapter):
             if k not in self.w:
                 raise KeyError(f"fake model has no parameter {k!r}")
             self.w[k] = np.array(v, dtype=np.float32)
+        if "badset@set_weights" in FAULTS:   # a set_weights that silently corrupts: one ULP, one element
+            k = sorted(body)[0]
+            self.w[k].flat[0] = np.nextafter(self.w[k].flat[0], np.float32(np.inf), dtype=np.float32)
         return {"set": len(body)}
 
     def op_save_weights(self, body, ctx) -> dict:

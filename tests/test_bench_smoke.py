@@ -14,16 +14,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def smoke(script: str, *args: str) -> str:
+def smoke(script: str, *args: str, timeout: float = 220) -> str:
+    """``timeout``: under the test's own, so a stuck script fails with its stderr, not pytest's dump."""
     r = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", *args], cwd=ROOT,
-                       capture_output=True, text=True, timeout=240)
+                       capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"bench/{script} --smoke exited {r.returncode}:\n{r.stderr[-3000:]}"
     return r.stdout
 
 
 @pytest.mark.timeout(60)
 def test_transport_smoke() -> None:
-    out = smoke("transport.py")
+    out = smoke("transport.py", timeout=50)
     assert "memcpy GB/s" in out and "med GB/s" in out and "ratio best" in out
     assert "4 KiB" in out and "1 MiB" in out
     rows = [line.split() for line in out.splitlines() if line.strip().startswith(("4 KiB", "1 MiB"))]

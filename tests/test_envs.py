@@ -41,6 +41,7 @@ def test_broken_environment_is_reported_with_fix(tmp_path, monkeypatch):
 
 
 @pytest.mark.frameworks
+@pytest.mark.timeout(1300)   # above the build's own 1200 s, so a slow first build fails by its own message
 def test_create_is_idempotent_and_check_reports_versions():
     t0 = time.monotonic()
     proc = coordinator(["envs", "create"], timeout=1200)

@@ -148,8 +148,9 @@ def test_a_bert_only_step_asked_for_by_name_is_refused_for_a_factory_model(tmp_p
     msg = " ".join(proc.stdout.split())
     assert f"step '{step}' cannot run on this model" in msg and "factory 'mine.t:build'" in msg
     assert not (tmp_path / "r").exists()
-    control = coordinator(["run", "--steps", "weights,bogus", "--out", str(tmp_path / "r2")], env=fake_env())
-    assert "cannot run on this model" not in control.stdout   # presets: no such refusal
+    from coordinator.cli import _unsupported
+    assert _unsupported([step], False, {"torch_model": "bert", "paddle_model": "bert"}) == {}   # presets: no refusal
+    assert step in _unsupported([step], True, {"torch_model": "mine.t:build", "paddle_model": "mine.p:build"})
 
 
 def test_the_lockstep_wrapper_runs_in_the_callers_directory(tmp_path):
@@ -278,8 +279,7 @@ def test_a_step_that_raises_is_an_internal_error_not_a_divergence(tmp_path, monk
     (["--steps", "data", "--data", "{tiny}", "--batch-size", "4"], "tiny.tsv: 2 example(s), too few for 1 batch(es) of 4"),
 ])
 def test_bad_command_lines_are_refused_before_anything_starts(tmp_path, args, message):
-    """Exit 2 naming the problem, no worker started, no traceback (the control: a good --tolerance
-    key passes this check and the run goes on to fail only later, on the bad step list)."""
+    """Exit 2 naming the problem, no worker started, no traceback (control: the next test)."""
     afile = tmp_path / "afile"
     afile.write_text("x")
     (tmp_path / "tiny.tsv").write_text("sentence\tlabel\ngood\t1\nbad\t0\n")
@@ -291,9 +291,14 @@ def test_bad_command_lines_are_refused_before_anything_starts(tmp_path, args, me
     assert proc.returncode == ExitCode.USAGE, proc.stdout + proc.stderr
     assert message in " ".join(proc.stdout.split()) and "Traceback" not in proc.stdout + proc.stderr
     assert "waiting for workers" not in proc.stdout
+
+
+def test_a_good_tolerance_key_passes_its_check(tmp_path):
+    """The control of the cases above: the --tolerance check lets a good key through, and the run
+    fails later, on the unknown --param."""
     control = coordinator(["run", "--steps", "forward", "--tolerance", "backward.param=max:1e-4",
                            "--param", "nosuchparam=1", "--out", str(tmp_path / "ctl")], env=fake_env())
-    assert control.returncode == ExitCode.USAGE and "nosuchparam" in control.stdout   # failed later, on --param
+    assert control.returncode == ExitCode.USAGE and "nosuchparam" in control.stdout
     assert "no step or sub-check" not in control.stdout
 
 

@@ -373,6 +373,20 @@ def test_duplicate_and_stale_replies_are_discarded_by_request_id(runs, fault):
 
 
 # -- numerics ------------------------------------------------------------------------------------
+def test_weights_read_back_one_ulp_off_fails_the_weights_step_naming_the_key(runs):
+    """Negative control of the weights step's read-back: paddle keeps one element of one tensor one
+    ULP off what it was sent (a lossy load); the exact round trip must fail there, naming it."""
+    run = runs("--steps", "weights,forward", paddle="badset@set_weights")
+    assert run.wait() == ExitCode.DIVERGED, run.stdout
+    s = run.summary()
+    weights = s["steps"][0]
+    assert weights["name"] == "weights" and not weights["passed"]
+    bad = [d for d in weights["diffs"] if not d["passed"]]
+    assert len(bad) == 1 and bad[0]["name"] == sorted(d["name"] for d in weights["diffs"])[0], bad
+    assert 0 < bad[0]["max_abs"] < 1e-6 and bad[0]["worst_index"] == [0] * len(bad[0]["shape"])
+    assert bad[0]["name"] in run.stdout
+
+
 def test_shapes_never_broadcast():
     a, b = np.ones((3, 1), np.float32), np.ones(3, np.float32)
     assert np.allclose(a, b)  # what a naive check would say

@@ -143,16 +143,21 @@ def test_debug_ctrl_c_at_the_prompt_ends_as_interrupted_and_keeps_the_session(tm
     out = tmp_path / "int"
     proc = subprocess.Popen(argv + ["--out", str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, cwd=ROOT, env=env)
-    proc.stdin.write("where\n")
-    proc.stdin.flush()
-    seen = ""
-    while "(lockstep) where" not in seen:       # the first command was read: the prompt is waiting again
-        line = proc.stdout.readline()
-        assert line, seen[-3000:]
-        seen += line
-    time.sleep(0.5)
-    proc.send_signal(signal.SIGINT)
-    rest, _ = proc.communicate(timeout=60)
+    try:
+        proc.stdin.write("where\n")
+        proc.stdin.flush()
+        seen = ""
+        while "(lockstep) where" not in seen:       # the first command was read: the prompt is waiting again
+            line = proc.stdout.readline()
+            assert line, seen[-3000:]
+            seen += line
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:   # a failure above must not leave the coordinator (and its two workers) at the prompt
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
     assert proc.returncode == ExitCode.INTERRUPTED, (seen + rest)[-3000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["status"] == "interrupted" and s["steps"][0]["name"] == "debug"

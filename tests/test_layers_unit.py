@@ -300,9 +300,16 @@ def test_view_plain_lines_and_live_panel():
 
 
 def test_summary_rows_are_json():
-    r = compare_row(Row("forward", "output", "a", "a", "a"), np.ones(3, np.float32), np.ones(3, np.float32),
-                    LayerTolerance())
-    json.dumps(r.to_json())
+    """Strict JSON (no NaN/Infinity, which json.dumps writes by default): a passing row's max_rel is
+    NaN until to_json(), a failing row on a NaN has an infinite normalized error."""
+    ok = compare_row(Row("forward", "output", "a", "a", "a"), np.ones(3, np.float32), np.ones(3, np.float32),
+                     LayerTolerance())
+    assert np.isnan(ok.max_rel)
+    bad = compare_row(Row("forward", "output", "b", "b", "b"), np.ones(3, np.float32),
+                      np.array([1, np.nan, 1], np.float32), LayerTolerance())
+    assert not bad.passed and not np.isfinite(bad.norm_err)
+    assert json.loads(json.dumps(ok.to_json(), allow_nan=False))["max_rel"] is None
+    assert json.loads(json.dumps(bad.to_json(), allow_nan=False))["norm_err"] is None
 
 
 def test_chunked_statistics_match_the_one_pass_comparison(monkeypatch):

@@ -227,6 +227,8 @@ def test_buggy_cnn_layers_and_loss_steps_name_the_layer(tmp_path):
     first = steps["layers"]["details"]["forward"]["first"]
     assert (first["torch"], first["paddle"]) == ("features.1", "bn1")
     assert "features.1 [BatchNorm2d] (own error)" in steps["layers"]["message"]
+    back = steps["layers"]["details"]["backward"]      # the backward phase's own negative control
+    assert back["failed"] > 0 and back["first"]["what"] in ("grad", "param_grad"), back.get("first")
     assert steps["loss"]["status"] == "failed" and "the outputs already differ (output" in steps["loss"]["message"]
 
 

@@ -400,11 +400,13 @@ def test_remote_workers_exit_when_their_coordinator_is_killed(keys, tmp_path, pr
     torch = _stamped_worker(procs, tmp_path, "torch", endpoint, keys / "torch.key")
     paddle = _stamped_worker(procs, tmp_path, "paddle", endpoint, keys / "paddle.key", paddle="slow=8@forward")
     _wait_for(tmp_path / "paddle.slow@forward")
+    (tmp_path / "extra").mkdir()
     extra = spawn(procs, [sys.executable, FAKE, "torch", "--connect", endpoint, "--curve-keys",
-                          str(keys / "torch.key")], tmp_path / "extra.out")
-    _wait_for(tmp_path / "extra.out")
+                          str(keys / "torch.key")], tmp_path / "extra.out",
+                  env=dict(fake_env(), LOCKSTEP_FAKE_STAMP_DIR=str(tmp_path / "extra")))
+    _wait_for(tmp_path / "extra" / "torch.pid")   # started, imports done, about to connect
     import time
-    time.sleep(1)
+    time.sleep(1)                                 # connected (loopback) and refused the name
     os.killpg(coord.pid, signal.SIGKILL)
     assert extra.wait(30) == torch.wait(30) == paddle.wait(30) == ExitCode.ENVIRONMENT
     for name in ("torch", "paddle", "extra"):

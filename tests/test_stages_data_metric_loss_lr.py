@@ -20,7 +20,7 @@ import pytest
 from numpy.lib import format as npy_format
 
 from conftest import ROOT, coordinator, fake_env, load_summary
-from coordinator.compare import Tolerance
+from coordinator.compare import Tolerance, compare
 from coordinator.errors import ExitCode, UsageError
 from coordinator.reprodlog import save_npy
 from coordinator.safe_npy import load_reprod_npy
@@ -497,3 +497,28 @@ def test_a_large_data_file_shows_progress_while_both_sides_tokenize(tmp_path):
     for side in ("torch ", "paddle"):
         assert f"  {side} tokenized 5000/5001 data sentences" in proc.stdout
     assert "data: 5001 items" in proc.stdout
+
+
+@pytest.mark.parametrize("method, ref, got, fails_at, passes_at", [
+    # each statistic decides on its own: the thresholds sit between it and the other statistics
+    ("mean", [0, 0, 0, 0], [0, 0, 0, 4e-3], 5e-4, 2e-3),          # mean 1e-3, max 4e-3, min 0
+    ("max", [0, 0, 0, 0], [0, 0, 0, 4e-3], 2e-3, 5e-3),
+    ("min", [0, 0, 0, 0], [1e-3, 2e-3, 3e-3, 4e-3], 5e-4, 2e-3),  # min 1e-3 (mean 2.5e-3, max 4e-3)
+    ("rel", [1, 1, 1, 2], [1, 1, 1, 2.004], 1e-3, 3e-3),           # 4e-3 / max|ref| 2 = 2e-3
+])
+def test_every_tolerance_method_fails_above_its_own_statistic(method, ref, got, fails_at, passes_at):
+    """Negative control for each method: a statistic that were not computed (0) would pass both."""
+    a, b = np.array(ref, np.float64), np.array(got, np.float64)
+    bad = compare("x", a, b, Tolerance(fails_at, method))
+    said = "max|diff|/max|torch|" if method == "rel" else f"{method} abs diff"
+    assert not bad.passed and said in bad.reason, bad.reason
+    assert compare("x", a, b, Tolerance(passes_at, method)).passed
+
+
+def test_compare_command_default_method_is_mean_and_fails_above_it(tmp_path):
+    a = {"loss": np.zeros(4, np.float32)}
+    b = {"loss": np.array([0, 0, 0, 4e-3], np.float32)}       # mean 1e-3
+    proc = _compare(tmp_path, a, b, "--threshold", "5e-4")
+    assert proc.returncode == ExitCode.DIVERGED, proc.stdout + proc.stderr
+    assert "mean diff: check passed: False" in proc.stdout and "FAIL loss: mean abs diff 1.000e-03" in proc.stdout
+    assert _compare(tmp_path, a, b, "--threshold", "2e-3").returncode == ExitCode.ALIGNED

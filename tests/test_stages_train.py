@@ -125,6 +125,31 @@ def test_adamw_eps_bug_fails_at_first_iteration_naming_a_parameter(tmp_path):
     assert any(ln.startswith("root INFO: \tmax diff: check passed: False") for ln in tensors)
 
 
+@pytest.mark.timeout(300)
+def test_a_scaled_gradient_fails_at_the_gradients_and_wd_groups_and_early_lr_are_named(tmp_path):
+    """Three negative controls in one run, each owning one step or check: ``grad_scale`` (the
+    classifier bias gradient x1.01 on paddle) must fail backward at iteration 0 on the *gradients*,
+    naming that parameter, while the loss is still equal; ``adamw_wd_all`` must be named as
+    different weight-decay groups; ``lr_step_early`` must fail the lr step at update 0."""
+    out = tmp_path / "g"
+    proc = real_run(["--steps", "lr,backward", "--iters", "1", "--paddle-inject", "grad_scale:1.01",
+                     "--paddle-inject", "lr_step_early"], out)
+    assert proc.returncode == ExitCode.DIVERGED, proc.stdout[-3000:] + proc.stderr[-3000:]
+    bw = _step(out, "backward")
+    row = bw["details"]["iterations"][0]
+    assert bw["details"]["first_failure"].startswith("iteration 0 (grad_0)"), bw["details"]["first_failure"]
+    assert row["first_failing_grad"] == "classifier.bias" and row["loss_diff"] <= 1e-6, row
+    assert "classifier.bias" in bw["message"]
+    lr = _step(out, "lr")
+    assert not lr["passed"]
+    assert all(v["first_step_exceeding"] == 0 for v in lr["details"]["schedules"].values()), lr["details"]
+    out2 = tmp_path / "wd"
+    proc = real_run(["--steps", "backward", "--iters", "1", "--paddle-inject", "adamw_wd_all"], out2)
+    assert proc.returncode == ExitCode.DIVERGED, proc.stdout[-3000:] + proc.stderr[-3000:]
+    said = " ".join(_step(out2, "backward")["message"].split())
+    assert "weight-decay groups differ:" in said and "decayed on paddle only" in said, said
+
+
 REPROD = """
 import sys
 from reprod_log import ReprodDiffHelper

@@ -67,6 +67,10 @@ class TrainOps(WeightSnapshotOps):
         inputs = {k: from_numpy(v, self.device) for k, v in body["inputs"].items()}
         labels = from_numpy(body["labels"], self.device)
         loss = self._loss(inputs, labels)
+        factor = inject_value(self.inject, "grad_scale")
+        if factor:   # negative control: a gradient bug only the gradients' comparison can see first
+            last = [p for _, p in model.named_parameters() if p.grad is not None][-1]
+            last.grad.mul_(float(factor))
         want = set(body.get("want", ["grads", "params"]))
         out: dict[str, Any] = {"loss": to_numpy(loss), "lr": float(st["opt"].param_groups[0]["lr"]),
                                "dropout_calls": st["dropout"].log.take()}

@@ -18,7 +18,7 @@ from protocol.masks import DropoutLog, keep_scale
 from protocol.shared import inject_value  # noqa: F401  (re-exported for the ops modules)
 
 # Injects this module applies (negative controls): adamw_eps:<eps>, adamw_wd_all, dropout_native.
-INJECT_NAMES = ("adamw_eps", "adamw_wd_all", "dropout_native")
+INJECT_NAMES = ("adamw_eps", "adamw_wd_all", "dropout_native", "grad_scale")
 
 NO_DECAY = ["bias", "LayerNorm.weight"]   # the guide's torch recipe (HF run_glue)
 
