@@ -27,11 +27,21 @@ HELP = """commands:
   replay         run this layer alone on torch's input on both sides: own error or inherited?
   next [k] | n   move k rows on (default 1)     prev [k] | p   move k rows back
   continue | c   go on to the next divergent layer (or the end)
+  continue own   go on to the next layer that is wrong by itself: each divergent row on the
+                 way is replayed, and those that agree run alone (inherited) are passed over
   goto NAME      jump to a layer by torch or paddle name (exact, else a part of one);
                  NAME:input its input row, NAME:grad its gradient row, <model> the model
   list [n]       the rows around the current one (default 5 each side)
   where          show the current row again
   help           this text              quit | q   leave (the run directory keeps the report)"""
+
+
+def _short_why(iso: dict) -> str:
+    """One clause for a passed-over row: how close its layer came run alone, or why it was not run."""
+    if iso.get("replay_norm_err") is not None:
+        return f"run alone it agrees: {iso['replay_norm_err']:.1e} of max|torch|"
+    why = str(iso.get("why", ""))
+    return why.split(":", 1)[0] if why else "not replayed"
 
 
 TOP_MAX = 1000   # positions `top` prints at most (an embedding gradient has millions)
@@ -48,6 +58,7 @@ class Debugger:
         self.pos = 0
         self.log: list[dict[str, Any]] = []
         self.interrupted = False   # Ctrl-C at the prompt
+        self.cleared: set[tuple[str, str]] = set()   # (phase, key) of rows a replay found inherited
 
     # -- output ---------------------------------------------------------------------------
     def say(self, text: str = "") -> None:
@@ -249,8 +260,11 @@ class Debugger:
         r = self.rows[self.pos]
         tol = self.bwd_tol if r.phase == "backward" else self.fwd_tol
         executed = set().union(*(c.diff.executed for c in self.caps))
+        earlier = [e for e in self.rows[:self.pos] if (e.phase, e.key) not in self.cleared]
         iso = replay(self.rc, self.lmap, r, self.inputs, tol, executed,
-                     self.labels if r.phase == "backward" else None, earlier=self.rows[:self.pos])
+                     self.labels if r.phase == "backward" else None, earlier=earlier)
+        if iso.get("verdict") == "inherited" and iso.get("replay_norm_err") is not None:
+            self.cleared.add((r.phase, r.key))
         for c in iso.get("checks", []):
             self.say(f"  replay {c['key']}: max {_fmt(c['max_abs'])}  max|diff|/max|torch| {_fmt(c['norm_err'])}  "
                      f"{'pass' if c['passed'] else 'FAIL ' + c['reason']}")
@@ -283,6 +297,11 @@ class Debugger:
         return False
 
     def c_continue(self, args: list[str]) -> bool:
+        if args and args[0].lower() == "own":
+            return self._continue_own()
+        if args:
+            self.say("usage: continue [own]")
+            return False
         for i in range(self.pos + 1, len(self.rows)):
             r = self.rows[i]
             if not r.passed:
@@ -291,6 +310,39 @@ class Debugger:
                 return False
             self.say(row_line(r))
         self.say("-- end of the compared rows: no further divergence --")
+        self.pos = len(self.rows) - 1
+        return False
+
+    def _continue_own(self) -> bool:
+        """The next divergent row whose layer differs run alone on torch's input (a second bug
+        behind the first): every divergent row on the way is replayed, one line each. A row that
+        cannot be isolated stops the walk there, for the user to judge."""
+        executed = set().union(*(c.diff.executed for c in self.caps))
+        skipped, replays = 0, []
+        cleared = self.cleared   # rows found inherited: no longer a reason not to replay a block holding them
+        for i in range(self.pos + 1, len(self.rows)):
+            r = self.rows[i]
+            if r.passed:
+                continue
+            tol = self.bwd_tol if r.phase == "backward" else self.fwd_tol
+            earlier = [e for e in self.rows[:i] if (e.phase, e.key) not in cleared]
+            iso = replay(self.rc, self.lmap, r, self.inputs, tol, executed,
+                         self.labels if r.phase == "backward" else None, earlier=earlier)
+            replays.append({"row": r.key, "phase": r.phase, "verdict": iso.get("verdict")})
+            if iso.get("verdict") == "inherited":
+                if iso.get("replay_norm_err") is not None:   # shown to agree run alone, not assumed
+                    cleared.add((r.phase, r.key))
+                skipped += 1
+                self.say(f"  row {i + 1} {r.label}: inherited ({_short_why(iso)})")
+                continue
+            self.log[-1]["replays"] = replays
+            head = "-- next own error --" if iso.get("verdict") == "own" else "-- cannot isolate this row; stopped --"
+            self.say(f"{head} ({skipped} inherited row(s) passed over)")
+            self._move(i)
+            self.say(describe_first(r, iso).split("\n", 1)[-1])
+            return False
+        self.log[-1]["replays"] = replays
+        self.say(f"-- end of the compared rows: no further own error ({skipped} inherited row(s) passed over) --")
         self.pos = len(self.rows) - 1
         return False
 

@@ -127,6 +127,37 @@ def test_debug_driven_through_stdin(tmp_path):
     assert (tmp_path / "report.html").exists()
 
 
+@pytest.mark.timeout(300)
+def test_debug_continue_own_finds_the_second_bug_behind_the_first(tmp_path):
+    """Two bugs: a LayerNorm epsilon in layer 1 and a tanh GELU in layer 3. Plain ``continue`` stops
+    at the very next divergent row (inherited from the first bug: the negative control);
+    ``continue own`` replays each divergent row on the way, passes over those that agree run alone,
+    and stops at layer 3's activation; a second ``continue own`` finds no further own error."""
+    env_python("torch"), env_python("paddle")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LOCKSTEP_WORKER_ARGV")}
+    proc = subprocess.run([sys.executable, "-m", "coordinator.cli", "debug", "--out", str(tmp_path), "--no-create",
+                           "--param", "layers_backward=false", "--paddle-inject", "ln_eps:1:1e-5",
+                           "--paddle-inject", "gelu_tanh:3"], input="continue\ncontinue own\ncontinue own\nquit\n",
+                          capture_output=True, text=True, timeout=280, cwd=ROOT, env=env)
+    out = proc.stdout
+    assert proc.returncode == ExitCode.DIVERGED, out[-4000:] + proc.stderr[-2000:]
+    first, plain, own1, own2 = out.split("(lockstep) ")[0:4]
+    assert "bert.encoder.layer.1.attention.output.LayerNorm" in first.rsplit("at row", 1)[1]
+    assert "-- next divergence --" in plain and "bert.encoder.layer.1.intermediate.dense" in plain.split("at row")[1]
+    assert "-- next own error --" in own1 and "intermediate_act_fn" in own1.split("at row")[1]
+    assert "bert.encoder.layer.3.intermediate" in own1.split("at row")[1] and "OWN ERROR" in own1
+    assert own1.count(": inherited (run alone it agrees") >= 10
+    assert "no further own error" in own2 and "OWN ERROR" not in own2
+    # a block holding the first bug is not replayed (it would run that bug again) ...
+    assert "bert.encoder: inherited (replaying bert.encoder would run bert.encoder.layer.1.attention.output" in own2
+    # ... one holding only rows shown to agree run alone is
+    assert "bert.encoder.layer.4: inherited (run alone it agrees" in own2
+    s = json.loads((tmp_path / "summary.json").read_text())
+    walks = [c for c in s["steps"][0]["details"]["session"] if c["command"] == "continue own"]
+    assert [w["replays"][-1]["verdict"] for w in walks] == ["own", "inherited"]
+    assert walks[0]["row"].endswith("layer.3.intermediate.intermediate_act_fn")
+
+
 @pytest.mark.timeout(240)
 def test_debug_ctrl_c_at_the_prompt_ends_as_interrupted_and_keeps_the_session(tmp_path):
     """Exit 130 with the session in summary.json and the report written (it used to go on at the prompt,
