@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .errors import ExitCode, LockstepError
+from .errors import ExitCode, LockstepError, UsageError
 
 
 
@@ -201,7 +201,8 @@ def _device_env(name: str, device: str) -> dict[str, str]:
 @click.option("--torch-inject", multiple=True, help="deliberate bug on the torch side (negative controls)")
 @click.option("--data", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="your own TSV (sentence<TAB>label, header) instead of the demo set")
-@click.option("--lr", type=float, default=None, help="learning rate (default 3e-5, the guide's)")
+@click.option("--lr", type=float, default=None, help="learning rate of the lr and backward steps (default 3e-5, the guide's); "
+              "train and perf use --param train_lr (default 5e-5)")
 @click.option("--warmup", type=int, default=None, help="warmup steps for the lr step (default 345)")
 @click.option("--total-steps", type=int, default=None, help="schedule length for the lr step (default 1024)")
 @click.option("--iters", type=int, default=None, help="backward iterations (default 10)")
@@ -250,10 +251,14 @@ def run(**kw) -> None:
         skipped = _unsupported(steps, from_all, kw)
         steps = [s for s in steps if s not in skipped]
         tol = {}
+        given = _parse_tolerances(kw["tolerances"])
+        if "forward" in given and (kw["forward_threshold"] is not None or kw["diff_method"]):
+            raise UsageError("--forward-threshold/--diff-method and --tolerance forward=... both set the forward "
+                             "tolerance: give one")
         if kw["forward_threshold"] is not None or kw["diff_method"]:
             tol["forward"] = Tolerance(kw["forward_threshold"] if kw["forward_threshold"] is not None else 1e-5,
                                        kw["diff_method"] or "max")
-        tol.update(_parse_tolerances(kw["tolerances"]))
+        tol.update(given)
         params = _parse_params(kw)
         from .tsv import read_tsv, require_batches
         for key in ("data", "dev_data"):   # a bad --data / dev_data file (file:line: reason) before workers start
@@ -269,7 +274,6 @@ def run(**kw) -> None:
             load_override(params["layer_map"])   # and the layers step's override file
         _check_devices(kw["torch_device"], kw["paddle_device"], kw["allow_shared_gpu"])
         if kw["listen"] and (kw["torch_device"], kw["paddle_device"]) != ("cpu", "cpu"):
-            from .errors import UsageError
             raise UsageError("--torch-device/--paddle-device choose local workers' devices; with --listen each "
                              "remote worker picks its own: coordinator worker torch --device cuda:N (or paddle "
                              "--device gpu:N) on its host")
@@ -301,7 +305,7 @@ def run(**kw) -> None:
             header["steps_skipped"] = skipped
         code, summary = do_run(opts, specs, say, header=header, server_curve=server_curve)
         _print_table(console, summary.data)
-        say(f"verdict: {ExitCode.DESCRIPTIONS.get(code, code)}  (exit {code}; report {opts.out / 'summary.json'})")
+        say(f"verdict: {ExitCode.DESCRIPTIONS.get(code, code)}  (exit {code}; {opts.out / 'report.html'})")
         sys.exit(code)
     except LockstepError as exc:
         console.print(f"error: {exc}", markup=False, style="red", soft_wrap=True)  # paths and keys stay whole

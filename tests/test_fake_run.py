@@ -277,6 +277,8 @@ def test_a_step_that_raises_is_an_internal_error_not_a_divergence(tmp_path, monk
     (["--steps", "forward", "--param", "layer_map={file}.missing"], "afile.missing: no such file"),
     (["--steps", "forward", "--param", "dev_data={file}"], "afile:1: header has no"),
     (["--steps", "data", "--data", "{tiny}", "--batch-size", "4"], "tiny.tsv: 2 example(s), too few for 1 batch(es) of 4"),
+    (["--steps", "forward", "--forward-threshold", "1e-9", "--tolerance", "forward=max:1"],
+     "--forward-threshold/--diff-method and --tolerance forward=... both set the forward tolerance"),
 ])
 def test_bad_command_lines_are_refused_before_anything_starts(tmp_path, args, message):
     """Exit 2 naming the problem, no worker started, no traceback (control: the next test)."""

@@ -89,6 +89,25 @@ def test_perf_verdict_is_a_ratio_of_throughputs():
     assert verdict(0.0, 8.0, 0.0)[0] is False
 
 
+def test_perf_judge_uses_the_fastest_steps_only_when_a_busy_machine_fails_the_median():
+    from coordinator.steps.perf import judge
+    quiet = {"torch": np.array([0.10, 0.11, 0.10]), "paddle": np.array([0.15, 0.16, 0.15])}
+    j = judge(quiet, {"torch": 4, "paddle": 4}, 0.5)
+    assert j["passed"] and j["basis"] == "median step" and not j["noisy"]
+    # torch's steps hit by load (0.75-7 s against a fastest 0.1 s): the median would say 0.15 < 0.5
+    busy = {"torch": np.array([0.10, 0.75, 7.0, 0.9, 0.8]), "paddle": np.array([0.15, 0.2, 0.16, 0.15, 0.4])}
+    j = judge(busy, {"torch": 4, "paddle": 4}, 0.5)
+    assert j["passed"] and j["basis"] == "fastest step" and j["noisy"] and j["spread"]["torch"] == 70.0
+    assert j["sps"]["torch"] == 40.0 and abs(j["ratio"] - 0.1 / 0.15) < 1e-12
+    # negative controls: a port truly 3x slower fails, quiet or busy (its fastest step is slow too)
+    slow = {"torch": np.array([0.10, 0.10, 0.11]), "paddle": np.array([0.30, 0.31, 0.30])}
+    j = judge(slow, {"torch": 4, "paddle": 4}, 0.5)
+    assert not j["passed"] and j["basis"] == "median step" and abs(j["ratio"] - 1 / 3) < 1e-12
+    slow_busy = {"torch": np.array([0.10, 0.5, 0.11]), "paddle": np.array([0.30, 0.9, 0.31])}
+    j = judge(slow_busy, {"torch": 4, "paddle": 4}, 0.5)
+    assert not j["passed"] and j["basis"] == "fastest step" and j["noisy"]
+
+
 def test_backward_tensor_iterations_setting():
     from coordinator.errors import UsageError
     from coordinator.steps.backward import tensor_iterations

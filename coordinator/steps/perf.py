@@ -7,7 +7,10 @@ sentences pad to, so the timing matches the training run being checked; on CPU, 
 is 4-7x slower than torch at 128 tokens but close at 32 — see docs/training.md). The sides run one after the other,
 never at once, whatever the schedule, so neither competes with the other for cores or
 a shared GPU. Verdict: slower/faster throughput >= ``perf_ratio`` (the guide only says
-"should be close"). Timings are informative; tests never assert on them.
+"should be close"), from each side's median step. On a busy machine (a side's slowest step
+over ``NOISY`` times its fastest) a failing verdict is re-timed once with as many steps again,
+and then judged on each side's fastest step, the least disturbed; the message says so. Timings
+are informative; tests never assert on them.
 """
 
 from __future__ import annotations
@@ -37,6 +40,26 @@ def verdict(torch_sps: float, paddle_sps: float, threshold: float) -> tuple[bool
         return False, 0.0, faster
     ratio = min(torch_sps, paddle_sps) / max(torch_sps, paddle_sps)
     return ratio >= threshold, ratio, faster
+
+
+NOISY = 2.0   # a side's slowest step over its fastest above which the machine was busy
+
+
+def judge(times: dict[str, np.ndarray], samples: dict[str, int], threshold: float) -> dict:
+    """The verdict on step times: from the median steps when the timing is quiet or the median
+    passes; from the fastest steps when a side's times spread over ``NOISY`` x (a neighbour's load
+    lands on single steps of either side, and the fastest step is the one it missed)."""
+    spread = {n: float(t.max() / t.min()) if len(t) and t.min() > 0 else float("inf") for n, t in times.items()}
+    noisy = any(x > NOISY for x in spread.values())
+    sps = {n: samples[n] / float(np.median(t)) if len(t) and np.median(t) > 0 else 0.0 for n, t in times.items()}
+    passed, ratio, faster = verdict(sps["torch"], sps["paddle"], threshold)
+    basis = "median step"
+    if not passed and noisy:
+        sps = {n: samples[n] / float(t.min()) if len(t) and t.min() > 0 else 0.0 for n, t in times.items()}
+        passed, ratio, faster = verdict(sps["torch"], sps["paddle"], threshold)
+        basis = "fastest step"
+    return {"passed": passed, "ratio": ratio, "faster": faster, "sps": sps, "basis": basis,
+            "noisy": noisy, "spread": spread}
 
 
 def run(rc: RunContext) -> StepResult:
@@ -69,28 +92,45 @@ def _run(rc: RunContext) -> StepResult:
     info: dict[str, dict] = {}
     for name in ("torch", "paddle"):
         info[name] = rc.session.request(name, "perf", dict(body, warmup=warmup, steps=1))
-    for _ in range(steps):
-        for name in ("torch", "paddle"):
-            r = rc.session.request(name, "perf", dict(body, warmup=0, steps=1))
-            times[name].extend(float(t) for t in r["times"])
-            info[name] = r
+
+    def time_steps() -> dict:
+        for _ in range(steps):
+            for name in ("torch", "paddle"):
+                r = rc.session.request(name, "perf", dict(body, warmup=0, steps=1))
+                times[name].extend(float(t) for t in r["times"])
+                info[name] = r
+        return judge({n: np.asarray(t, np.float64) for n, t in times.items()},
+                     {n: int(info[n]["samples"]) for n in info}, thr)
+
+    j = time_steps()
+    retimed = not j["passed"] and j["noisy"]
+    if retimed:
+        worst = max(j["spread"], key=lambda n: j["spread"][n])
+        rc.say(f"  the machine is busy ({worst}'s step times spread {j['spread'][worst]:.1f}x): "
+               f"{steps} more steps per side, then judged on each side's fastest step")
+        j = time_steps()
     sides = {}
     for name in ("torch", "paddle"):
         r = info[name]
         sides[name] = _side(np.asarray(times[name], np.float64), int(r["samples"]), int(r.get("threads") or 0))
+        sides[name]["samples_per_s_judged"] = j["sps"][name]
         rc.say(f"  {name:6s} {sides[name]['samples_per_s']:8.2f} samples/s  "
-               f"(median step {sides[name]['step_ms_median']:.1f} ms)")
-    t_sps, p_sps = sides["torch"]["samples_per_s"], sides["paddle"]["samples_per_s"]
-    passed, ratio, faster = verdict(t_sps, p_sps, thr)
+               f"(median step {sides[name]['step_ms_median']:.1f} ms, fastest {min(times[name]) * 1000:.1f} ms)")
+    t_sps, p_sps = j["sps"]["torch"], j["sps"]["paddle"]
+    passed, ratio, faster = j["passed"], j["ratio"], j["faster"]
     save_npy(rc.out / "perf_torch.npy", {"samples_per_s": np.float64(t_sps),
                                           "step_s": np.asarray(sides["torch"]["step_ms"]) / 1000})
     save_npy(rc.out / "perf_paddle.npy", {"samples_per_s": np.float64(p_sps),
                                            "step_s": np.asarray(sides["paddle"]["step_ms"]) / 1000})
     details = {"torch": sides["torch"], "paddle": sides["paddle"], "ratio": ratio, "faster": faster,
                "paddle_over_torch": p_sps / t_sps if t_sps > 0 else None, "threshold": thr,
+               "basis": j["basis"], "spread": j["spread"], "retimed": retimed,
                "warmup": warmup, "steps": steps, "batch": list(inputs["input_ids"].shape),
                "devices": {"torch": rc.opts.torch_device, "paddle": rc.opts.paddle_device},
                "dropout": "native (timing real training)", "schedule": "sequential (one side at a time)"}
-    msg = (f"paddle {p_sps:.2f} vs torch {t_sps:.2f} samples/s: {faster} faster, slower/faster = {ratio:.2f} "
-           f"{'>=' if passed else '<'} {thr:g}")
+    msg = (f"paddle {p_sps:.2f} vs torch {t_sps:.2f} samples/s ({j['basis']}): {faster} faster, "
+           f"slower/faster = {ratio:.2f} {'>=' if passed else '<'} {thr:g}")
+    if j["noisy"] and not passed:
+        msg += (f"; step times spread up to {max(j['spread'].values()):.1f}x: the machine was busy, so this may "
+                f"be load, not the port: run perf again on a quiet machine or with --threads 1 (docs/training.md)")
     return StepResult("perf", passed, ratio, f"slower/faster >= {thr:g}", msg, [], details)
