@@ -443,12 +443,12 @@ def _print_table(console, data: dict) -> None:
     t = Table(title="lockstep verdict")
     for col in ("step", "verdict", "worst diff", "tolerance", "seconds", "note"):
         t.add_column(col)
+    from .report_html import worst_label
     for s in data.get("steps", []):
-        worst = s.get("worst")
-        shown = ("-" if worst is None else f"ratio {worst:.2f}" if s["name"] == "perf" else
-                 f"{int(worst)} differ" if s["name"] == "data" else f"{worst:.3e}")
-        t.add_row(Text(s["name"]), s["status"].upper(), shown,
+        t.add_row(Text(s["name"]), s["status"].upper(), worst_label(s),
                   Text(s.get("tolerance", "")), f"{s.get('seconds', 0):.1f}", Text(_clip(s.get("message") or "", 160)))
+    for name, why in (data.get("steps_skipped") or {}).items():
+        t.add_row(Text(name), "SKIPPED", "-", Text(""), "", Text(_clip(why, 160)))
     console.print(t)
 
 

@@ -189,6 +189,12 @@ def replay(rc: RunContext, lmap: LayerMap, row: Row, inputs: dict[str, np.ndarra
                           f"({worst.what}) while every mapped layer inside agrees up to here: look at the code "
                           f"in the model's own forward() around {row.label} (operations between layers: "
                           f"reshapes, masks, scaling, functional calls)")
+        settings = {side: f"{mods.get(name, {}).get('type', '')}({mods.get(name, {}).get('settings', '')})"
+                    for side, mods, name in (("torch", lmap.torch_modules, pair.torch),
+                                             ("paddle", lmap.paddle_modules, pair.paddle))
+                    if isinstance(mods.get(name, {}).get("settings"), str) and mods[name]["settings"]}
+        if settings:   # the two layers' own settings (an epsilon, a flag): often the bug itself
+            out["settings"] = settings
         adv = advice_for(*_advice_keys(lmap, row, pair))
         if adv is None and row.what == "output" and lmap.torch_modules.get(pair.torch, {}).get("children"):
             adv = advice_for("container")   # a block of its own type: the code between its sublayers
@@ -257,6 +263,8 @@ def describe_first(row: Row, iso: dict[str, Any] | None) -> str:
         verdict = {"own": "OWN ERROR", "inherited": "inherited", "ok": "agrees",
                    "unknown": "not isolated"}.get(iso["verdict"], iso["verdict"])
         text += f"\n  isolated: {verdict}: {iso.get('why', '')}"
+        for side, shown in (iso.get("settings") or {}).items():
+            text += f"\n    {side:6s} {shown}"
         for c in (iso.get("advice") or {}).get("causes", []):
             text += f"\n    - usual cause: {c}"
     return text

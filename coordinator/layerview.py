@@ -85,7 +85,9 @@ class LayerView:
         if self.silenced:
             return
         if self.max_lines is None or self.printed < self.max_lines or not row.passed:
-            self.line(row_line(row, self.count[row.phase]))
+            # no row number: rows are shown as they are compared, while report.html, layers.tsv and
+            # the debugger number them in torch's execution order, which can differ (paddle's order)
+            self.line(row_line(row))
             self.printed += 1
         if not row.passed and self.quiet_after_first:
             self.silenced = True
@@ -95,14 +97,14 @@ class LayerView:
         from rich.table import Table
         from rich.text import Text
         t = Table(box=None, pad_edge=False, show_header=True, header_style="bold")
-        for col, just in (("", "left"), ("#", "right"), ("", "left"), ("layer", "left"), ("type", "left"),
+        for col, just in (("", "left"), ("", "left"), ("layer", "left"), ("type", "left"),
                           ("max abs", "right"), ("max rel", "right")):
             t.add_column(col, justify=just, no_wrap=True)
-        for n, r in self.recent:
+        for _n, r in self.recent:
             mark = Text("✓", style="green") if r.passed else Text("✗", style="bold red")
             name = (r.paddle if r.what == "param_grad" else r.torch) + \
                 {"input": " <input>", "grad": " <grad>"}.get(r.what, "")
-            t.add_row(mark, str(n), PHASE.get(r.phase, r.phase), name[-70:], short_type(r.torch_type or r.paddle_type, 18),
+            t.add_row(mark, PHASE.get(r.phase, r.phase), name[-70:], short_type(r.torch_type or r.paddle_type, 18),
                       f"{r.max_abs:.3e}", f"{r.norm_err:.2e}", style=None if r.passed else "red")
         head = Text(f"layers: forward {self.count.get('forward', 0)} compared, {self.failed.get('forward', 0)} over "
                     f"tolerance · backward {self.count.get('backward', 0)} compared, "

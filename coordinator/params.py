@@ -40,6 +40,8 @@ DEFAULTS: dict[str, Any] = {
     "dropout": "off",           # off | shared (| native: each side's own RNG, a negative control)
     "metric_batches": 4,
     "metric_batch": 64,
+    "weights_npy": True,        # weights: write weights_torch/paddle.npy (reprod_log's files: twice the model's
+                                # size, 180 MB for MiniLM); false: the diff log and model_state.pdparams only
     "layers_backward": True,    # layers: also one backward pass (activation + parameter gradients)
     "layer_map": None,          # layers: TOML overriding the automatic layer pairing ([[layer]] torch/paddle)
     "layers_hold_mib": 1024.0,  # layers: torch tensors held waiting for paddle's; beyond this, spilled to disk

@@ -133,6 +133,24 @@ def curve_svg(rows: list[dict[str, Any]], threshold: float | None, title: str,
     return "".join(out)
 
 
+def worst_label(step: dict[str, Any]) -> str:
+    """A step's 'worst' figure with what it is: perf's throughput ratio, data's count of differing
+    tensors, layers' relative error with its phase (forward and backward have their own tolerance)."""
+    worst = step.get("worst")
+    if worst is None:
+        return "-"
+    name = step.get("name")
+    if name == "perf":
+        return f"ratio {worst:.2f}"
+    if name == "data":
+        return f"{int(worst)} differ"
+    if name == "layers":
+        of = (step.get("details") or {}).get("worst_of") or {}
+        phase = {"forward": "fwd", "backward": "bwd"}.get(of.get("phase"), "")
+        return f"{phase} rel {worst:.3e}".strip()
+    return f"{worst:.3e}"
+
+
 def _steps_table(data: dict[str, Any]) -> str:
     rows = ["<table><tr><th>step</th><th>verdict</th><th class='num'>worst</th><th>tolerance</th>"
             "<th class='num'>seconds</th><th>message</th></tr>"]
@@ -140,8 +158,11 @@ def _steps_table(data: dict[str, Any]) -> str:
         st = s.get("status", "")
         rows.append(f"<tr><td><a href='#step-{_e(s['name'])}'>{_e(s['name'])}</a></td>"
                     f"<td><span class='badge {_status_class(st)}'>{_e(st.upper())}</span></td>"
-                    f"<td class='num'>{_num(s.get('worst'))}</td><td>{_e(s.get('tolerance'))}</td>"
+                    f"<td class='num'>{_e(worst_label(s))}</td><td>{_e(s.get('tolerance'))}</td>"
                     f"<td class='num'>{_num(s.get('seconds'), '.1f')}</td><td>{_e(s.get('message'))}</td></tr>")
+    for name, why in (data.get("steps_skipped") or {}).items():   # --steps all on a model they do not fit
+        rows.append(f"<tr><td>{_e(name)}</td><td><span class='badge'>SKIPPED</span></td><td class='num'>-</td>"
+                    f"<td></td><td class='num'></td><td>{_e(why)}</td></tr>")
     rows.append("</table>")
     return "".join(rows)
 
@@ -179,6 +200,10 @@ def _first_box(first: dict[str, Any] | None, phase: str) -> str:
              f"[{_e(first.get('paddle_type'))}]<br>{_e(first.get('reason'))}"
              f"<br><b>isolated</b>: <span class='{'fail' if iso.get('verdict') == 'own' else 'other'}'>"
              f"{_e(verdict)}</span> &mdash; {_e(iso.get('why'))}"]
+    settings = iso.get("settings") or {}
+    if settings:   # the two layers' own settings (an epsilon, a flag): often the bug itself
+        parts.append("<br><b>settings</b><ul>" + "".join(f"<li>{_e(side)}: <code>{_e(shown)}</code></li>"
+                                                         for side, shown in settings.items()) + "</ul>")
     causes = (iso.get("advice") or {}).get("causes") or []
     if causes:
         parts.append("<br><b>usual causes</b><ul>" + "".join(f"<li>{_e(c)}</li>" for c in causes) + "</ul>")

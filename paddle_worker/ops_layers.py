@@ -275,11 +275,22 @@ def _tree(model: paddle.nn.Layer) -> list[dict[str, Any]]:
                     "params": [p for p, t in layer.named_parameters(include_sublayers=False)
                                if (f"{name}.{p}" if name else p) in own
                                and not (p in ("_mean", "_variance") and t.stop_gradient)],
-                    "children": children + [p.rsplit(".", 1)[-1] for p, _ in fn_children]})
+                    "children": children + [p.rsplit(".", 1)[-1] for p, _ in fn_children],
+                    "settings": _settings(layer)})
         for pseudo, fn in fn_children:
             out.append({"name": pseudo, "type": f"function:{getattr(fn, '__name__', 'fn')}", "params": [],
                         "children": [], "function": True})
     return out
+
+
+def _settings(layer: paddle.nn.Layer) -> str:
+    """The layer's own settings as it prints them (``epsilon=1e-05``, ...), one line, capped (as the
+    torch worker's)."""
+    try:
+        text = " ".join(str(layer.extra_repr()).split())
+    except Exception:   # a user layer's extra_repr may fail; it is only shown
+        return ""
+    return text[:300]
 
 
 class LayerOps:

@@ -26,6 +26,19 @@ def test_aligned_run_writes_every_artifact(fake_run):
     assert not (out / ".lock").exists()
 
 
+def test_weights_npy_false_skips_only_the_two_large_files(fake_run):
+    """--param weights_npy=false: no weights_*.npy (twice the model's size), the same verdict and log;
+    the control is the test above (the files are written by default). A corrupted read-back still fails."""
+    proc, out = fake_run("--steps", "weights,forward", "--param", "weights_npy=false")
+    assert proc.returncode == ExitCode.ALIGNED, proc.stdout + proc.stderr
+    assert not (out / "weights_torch.npy").exists() and not (out / "weights_paddle.npy").exists()
+    assert (out / "weights_diff.log").read_text().strip().endswith("diff check passed")
+    assert (out / "forward_torch.npy").exists()
+    assert load_summary(out)["steps"][0]["details"]["npy"].startswith("not written")
+    proc, _ = fake_run("--steps", "weights", "--param", "weights_npy=false", paddle="badset@set_weights")
+    assert proc.returncode == ExitCode.DIVERGED, proc.stdout + proc.stderr
+
+
 def test_a_long_run_path_socket_in_a_temp_directory_is_removed_too(tmp_path, monkeypatch):
     """ipc paths are limited to ~107 bytes: a deep run directory gets its socket in a temp dir,
     which close() removes (the control: it existed while the session was open)."""

@@ -69,6 +69,7 @@ def test_layernorm_epsilon_is_own_error_at_norm1_of_layer_3(tmp_path):
                                      "bert.encoder.layers.3.norm1", "epsilon")
     assert step["details"]["stop_run"] and "skipped" in step["details"]["backward"]
     assert "isolated: OWN ERROR" in proc.stdout and "usual cause: epsilon differs" in proc.stdout
+    assert "epsilon=1e-05" in proc.stdout and "eps=1e-12" in proc.stdout   # both layers' own settings
 
 
 @pytest.mark.timeout(180)

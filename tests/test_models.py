@@ -200,6 +200,9 @@ def test_cnn_all_steps_skip_the_bert_only_ones_and_run_the_rest(tmp_path):
     proc = cli(["run", "--steps", "all", "--out", str(out), "--no-create", *CNN], timeout=230)
     assert proc.returncode == ExitCode.ALIGNED, text(proc)[-3000:]
     assert set(summary(out)["steps_skipped"]) == {"data", "train", "perf"}
+    html = (out / "report.html").read_text()
+    assert html.count("SKIPPED</span>") == 3 and "it fine-tunes a text classifier" in html   # the report says so too
+    assert "│ train" in proc.stdout and "SKIPPED" in proc.stdout                               # and the verdict table
     assert "step train skipped: it fine-tunes a text classifier" in " ".join(proc.stdout.split())
     steps = steps_of(out)
     assert list(steps) == ["metric", "weights", "forward", "layers", "loss", "lr", "backward"]
@@ -227,6 +230,9 @@ def test_buggy_cnn_layers_and_loss_steps_name_the_layer(tmp_path):
     first = steps["layers"]["details"]["forward"]["first"]
     assert (first["torch"], first["paddle"]) == ("features.1", "bn1")
     assert "features.1 [BatchNorm2d] (own error)" in steps["layers"]["message"]
+    settings = steps["layers"]["details"]["forward"]["first"]["isolation"]["settings"]   # the bug, shown
+    assert "eps=1e-05" in settings["torch"] and "epsilon=0.001" in settings["paddle"], settings
+    assert "epsilon=0.001" in proc.stdout and "epsilon=0.001)</code>" in (out / "report.html").read_text()
     back = steps["layers"]["details"]["backward"]      # the backward phase's own negative control
     assert back["failed"] > 0 and back["first"]["what"] in ("grad", "param_grad"), back.get("first")
     assert steps["loss"]["status"] == "failed" and "the outputs already differ (output" in steps["loss"]["message"]

@@ -197,8 +197,18 @@ def _tree(model: torch.nn.Module) -> list[dict[str, Any]]:
     for name, mod in model.named_modules():
         out.append({"name": name, "type": type(mod).__name__,
                     "params": [p for p, _ in mod.named_parameters(recurse=False)],
-                    "children": [c for c, _ in mod.named_children()]})
+                    "children": [c for c, _ in mod.named_children()], "settings": _settings(mod)})
     return out
+
+
+def _settings(mod: torch.nn.Module) -> str:
+    """The module's own settings as it prints them (``eps=1e-05, momentum=0.1``, ...): shown next to
+    an own error, where a differing epsilon or flag is usually the bug. One line, capped."""
+    try:
+        text = " ".join(str(mod.extra_repr()).split())
+    except Exception:   # a user module's extra_repr may fail; it is only shown
+        return ""
+    return text[:300]
 
 
 def _rnns_for_backward(model: torch.nn.Module) -> None:

@@ -142,15 +142,16 @@ def diff_dicts(torch_d: dict[str, Any], paddle_d: dict[str, Any], tol: Tolerance
 
 def finish(rc: RunContext, step: str, torch_d: dict[str, Any], paddle_d: dict[str, Any],
            diffs: list[TensorDiff], tol: Tolerance, details: dict[str, Any] | None = None,
-           extra_fail: str = "") -> StepResult:
-    """Write <step>_torch.npy, <step>_paddle.npy, <step>_diff.log and build the result.
+           extra_fail: str = "", npy: bool = True) -> StepResult:
+    """Write <step>_torch.npy, <step>_paddle.npy (``npy``), <step>_diff.log and build the result.
 
     ``<step>_diff.log`` holds the diffs of the keys in the ``.npy`` files, so that reprod_log run
     on those files writes the same report; checks on data not in them (the backward step's
     gradients and parameters) go to ``<step>_tensors_diff.log`` in the same format. The verdict
     is on all of them."""
-    save_npy(rc.out / f"{step}_torch.npy", torch_d)
-    save_npy(rc.out / f"{step}_paddle.npy", paddle_d)
+    if npy:
+        save_npy(rc.out / f"{step}_torch.npy", torch_d)
+        save_npy(rc.out / f"{step}_paddle.npy", paddle_d)
     order = {k: i for i, k in enumerate(list(torch_d) + [k for k in paddle_d if k not in torch_d])}
     in_npy = sorted((d for d in diffs if d.name in order), key=lambda d: order[d.name])  # reprod_log's order
     write_report(rc.out / f"{step}_diff.log", in_npy, tol.method, tol.threshold)

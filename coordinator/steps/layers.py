@@ -71,9 +71,12 @@ def run(rc: RunContext) -> StepResult:
     _write_tsv(rc, rows)
     # the worst figure of the rows that failed, in either phase (else of every row): a backward
     # failure is not hidden behind a clean forward pass
-    failing = [r["norm_err"] for r in rows if r.get("norm_err") is not None and not r.get("passed", True)]
-    finite = failing or [r["norm_err"] for r in rows if r.get("norm_err") is not None]
-    worst = max(finite) if finite else None
+    failing = [r for r in rows if r.get("norm_err") is not None and not r.get("passed", True)]
+    finite = failing or [r for r in rows if r.get("norm_err") is not None]
+    top = max(finite, key=lambda r: r["norm_err"]) if finite else None
+    worst = top["norm_err"] if top else None
+    if top:   # the verdict table says which phase and row the figure is (the two tolerances differ)
+        details["worst_of"] = {"phase": top["phase"], "row": top["torch"] or "<model>", "what": top["what"]}
     passed = not failures
     details["stop_run"] = stop and not passed
     if passed:

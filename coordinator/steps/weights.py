@@ -33,4 +33,7 @@ def run(rc: RunContext) -> StepResult:
     how = ", ".join(f"{n} {past.get(op, op)}" for op, n in sorted(ops.items())) or "none transformed"
     rc.say(f"  {len(sources)}/{n_t - len(ignored)} torch tensors mapped to {len(converted)} paddle tensors "
            f"({how}), saved {pd_path.name}")
-    return finish(rc, "weights", {k: converted[k] for k in converted}, back, diffs, tol, details)
+    npy = bool(rc.param("weights_npy"))
+    if not npy:
+        details["npy"] = "not written (--param weights_npy=false)"
+    return finish(rc, "weights", {k: converted[k] for k in converted}, back, diffs, tol, details, npy=npy)
