@@ -18,7 +18,7 @@ from .compare import as_array
 from .layerdiff import ROOT_NAME, Row
 from .layerrun import capture, describe_first, layer_map, replay, seeded_labels, tolerances, top
 from .layerview import LayerView, row_line
-from .errors import UsageError
+from .errors import Interrupted, ProtocolMismatch, UsageError, WorkerDied, WorkerHung
 from .runner import RunContext, StepResult
 
 HELP = """commands:
@@ -182,6 +182,12 @@ class Debugger:
                 self.log[-1].update(row=self.rows[self.pos].key, phase=self.rows[self.pos].phase)
                 if done:
                     return
+            except Interrupted:           # Ctrl-C during a replay: the session ends as interrupted
+                self.say("\ninterrupted")
+                self.interrupted = True
+                return
+            except (WorkerDied, WorkerHung, ProtocolMismatch):
+                raise                     # no worker to go on with: the run ends with that error
             except Exception as exc:  # a failed command must not end the session
                 text = str(exc)
                 self.say(f"error: {type(exc).__name__}: {text[:400]}{' ...' if len(text) > 400 else ''}")
@@ -260,9 +266,8 @@ class Debugger:
         r = self.rows[self.pos]
         tol = self.bwd_tol if r.phase == "backward" else self.fwd_tol
         executed = set().union(*(c.diff.executed for c in self.caps))
-        earlier = [e for e in self.rows[:self.pos] if (e.phase, e.key) not in self.cleared]
         iso = replay(self.rc, self.lmap, r, self.inputs, tol, executed,
-                     self.labels if r.phase == "backward" else None, earlier=earlier)
+                     self.labels if r.phase == "backward" else None, earlier=self._suspects(self.pos))
         if iso.get("verdict") == "inherited" and iso.get("replay_norm_err") is not None:
             self.cleared.add((r.phase, r.key))
         for c in iso.get("checks", []):
@@ -313,6 +318,15 @@ class Debugger:
         self.pos = len(self.rows) - 1
         return False
 
+    def _suspects(self, i: int) -> list[Row]:
+        """The rows a replay of row ``i``'s block must not run again (``replay``'s ``earlier``): the rows
+        before it, and for a backward row every other row (in backward, a block's gradient comes
+        before its sublayers', and its replay runs their forward too), less those a replay found
+        inherited."""
+        r = self.rows[i]
+        rows = self.rows[:i] if r.phase == "forward" else [e for j, e in enumerate(self.rows) if j != i]
+        return [e for e in rows if (e.phase, e.key) not in self.cleared]
+
     def _continue_own(self) -> bool:
         """The next divergent row whose layer differs run alone on torch's input (a second bug
         behind the first): every divergent row on the way is replayed, one line each. A row that
@@ -325,9 +339,19 @@ class Debugger:
             if r.passed:
                 continue
             tol = self.bwd_tol if r.phase == "backward" else self.fwd_tol
-            earlier = [e for e in self.rows[:i] if (e.phase, e.key) not in cleared]
-            iso = replay(self.rc, self.lmap, r, self.inputs, tol, executed,
-                         self.labels if r.phase == "backward" else None, earlier=earlier)
+            try:
+                iso = replay(self.rc, self.lmap, r, self.inputs, tol, executed,
+                             self.labels if r.phase == "backward" else None, earlier=self._suspects(i))
+            except (Interrupted, WorkerDied, WorkerHung, ProtocolMismatch):
+                self.log[-1]["replays"] = replays
+                raise
+            except Exception as exc:   # this row's replay failed (a layer that cannot run alone): stop here
+                replays.append({"row": r.key, "phase": r.phase, "verdict": "error"})
+                self.log[-1]["replays"] = replays
+                self.say(f"-- cannot isolate this row: its replay failed: {type(exc).__name__}: {str(exc)[:300]} "
+                         f"({skipped} inherited row(s) passed over) --")
+                self._move(i)
+                return False
             replays.append({"row": r.key, "phase": r.phase, "verdict": iso.get("verdict")})
             if iso.get("verdict") == "inherited":
                 if iso.get("replay_norm_err") is not None:   # shown to agree run alone, not assumed

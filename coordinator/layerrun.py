@@ -89,7 +89,7 @@ def capture(rc: RunContext, lmap: LayerMap, inputs: dict[str, np.ndarray], tol: 
         stats = ld.finish()
     stats["worker_seconds"] = {"torch": replies[0].get("seconds"), "paddle": replies[1].get("seconds")}
     stats["hook_seconds"] = {"torch": replies[0].get("hook_seconds"), "paddle": replies[1].get("hook_seconds")}
-    # tensors a worker copied from its GPU straight into the shared ring (torch_worker.adapter.to_wire)
+    # tensors a worker's framework copied straight into the shared ring (torch_worker.adapter.to_wire)
     stats["direct_copies"] = {"torch": replies[0].get("direct_copies", 0), "paddle": replies[1].get("direct_copies", 0)}
     if backward:
         stats["loss"] = {"torch": replies[0].get("loss"), "paddle": replies[1].get("loss")}
@@ -136,20 +136,23 @@ def replay(rc: RunContext, lmap: LayerMap, row: Row, inputs: dict[str, np.ndarra
            executed: set[str], labels: np.ndarray | None = None, earlier: list[Row] | None = None) -> dict[str, Any]:
     """Run the row's layer alone on torch's input on both sides; classify own vs inherited.
 
-    ``earlier``: the rows before this one. A replayed container (the model itself, a block, the
-    layer enclosing an input row) runs its sublayers again, so a difference it shows is the row's
-    own only if none of its sublayers already failed before this row."""
+    ``earlier``: the rows that must not be run again (forward: the rows before this one; backward:
+    the forward rows and the other backward rows). A replayed container (the model itself, a block,
+    the layer enclosing an input row) runs its sublayers again, so a difference it shows is the
+    row's own only if none of its sublayers already failed; a backward replay also runs them
+    forward, so their forward rows count too."""
     pair, what = replay_target(lmap, row, executed)
     if pair is None:
         return {"verdict": "unknown", "why": f"cannot replay {row.label}: {what}"}
     if row.what != "param_grad":
-        inside = [r for r in earlier or [] if not r.passed and r.phase == row.phase and r.what != "param_grad"
+        inside = [r for r in earlier or [] if not r.passed and (r.phase == row.phase or row.phase == "backward")
+                  and r.what != "param_grad"
                   and r.torch != pair.torch and (pair.torch == "" or r.torch.startswith(pair.torch + "."))]
         if inside:
             return {"verdict": "inherited", "layer": pair.torch, "paddle_layer": pair.paddle, "replayed": what,
                     "phase": row.phase, "checks": [],
                     "why": (f"replaying {pair.torch or ROOT_NAME} would run {inside[0].label} again, which already "
-                            f"differs earlier in this pass: that difference reaches {row.label}; replay "
+                            f"differs ({inside[0].phase}): that difference reaches {row.label}; replay "
                             f"{inside[0].label} instead (goto it)")}
     backward = row.phase == "backward"
     got = fetch_torch(rc, pair.torch, inputs, labels if backward else None)

@@ -36,7 +36,7 @@ DEFAULTS: dict[str, Any] = {
     "perf_steps": 5,
     "perf_warmup": 2,
     "perf_seq_len": 32,         # timed batch length: the demo's sentences (7-13 words) pad to ~16-32 tokens
-    "perf_ratio": 0.5,          # perf passes when slower/faster throughput >= this
+    "perf_ratio": 0.5,          # perf passes when paddle's throughput / torch's >= this
     "dropout": "off",           # off | shared (| native: each side's own RNG, a negative control)
     "metric_batches": 4,
     "metric_batch": 64,

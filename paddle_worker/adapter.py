@@ -10,6 +10,7 @@ import numpy as np
 import paddle
 
 from protocol.adapter import Adapter
+from protocol.shared import check_number_injects
 from protocol.codec import BFloat16
 
 
@@ -199,6 +200,7 @@ class PaddleAdapter(*_MIXINS, Adapter):
     def op_load_model(self, body: dict, ctx: Any) -> dict:
         from . import models
         self.inject = list(body.get("inject") or [])
+        check_number_injects(self.inject)   # before the model loads: a malformed one is exit 2
         self.model, self.model_info = models.load(body)
         self.model.eval()
         return self.model_info

@@ -91,9 +91,10 @@ class BFloat16:
 
 
 class HostCopy:
-    """A tensor that is not in host memory yet (a GPU tensor): ``encode`` copies it once, straight
-    into the shared ring when there is one and it has room, instead of into a host array that is
-    then copied again. Elsewhere (frames, no ring, a small tensor) ``host()`` makes the array.
+    """A tensor its framework copies itself: ``encode`` reserves ring pages and lets it copy straight
+    into them (a GPU tensor: once, device to ring, instead of into a host array that is then copied
+    again; a CPU one on the framework's own threads). Elsewhere (no ring, a tensor under the ring's
+    minimum, no room) ``host()`` makes the array, which goes as frames.
 
     ``fill(dst)`` writes the tensor into ``dst``, a C-contiguous writable array of ``dtype`` and
     ``shape``, before it returns (``encode`` snapshots, as for any array). ``dtype`` must be one
@@ -149,6 +150,7 @@ def encode(kind: str, id: int, op: str, body: Any = None, version: int | None = 
     in_ring: list[tuple[int, int]] = []  # regions to hand back if the message is never sent
 
     def default(obj: Any) -> Any:
+        ring = shm
         if isinstance(obj, HostCopy):
             if shm is not None:
                 offset = shm.put_with(obj.nbytes, lambda dst: obj.fill(dst.view(obj.dtype).reshape(obj.shape)))
@@ -156,6 +158,7 @@ def encode(kind: str, id: int, op: str, body: Any = None, version: int | None = 
                     in_ring.append((offset, obj.nbytes))
                     table.append([obj.dtype.name, list(obj.shape), 0, offset])
                     return msgpack.ExtType(EXT_ARRAY, struct.pack("<I", len(table) - 1))
+                ring = None   # the ring said no (too small, no room): frames, without asking again
             obj = obj.host()
             if not isinstance(obj, np.ndarray):
                 raise TypeError(f"HostCopy.host() returned {type(obj).__name__}, not an ndarray")
@@ -171,7 +174,7 @@ def encode(kind: str, id: int, op: str, body: Any = None, version: int | None = 
         else:
             raise TypeError(f"cannot encode {type(obj).__name__}")
         raw = arr.reshape(-1).view(np.uint8) if arr.size else np.empty(0, np.uint8)
-        offset = shm.put(raw) if shm is not None else None
+        offset = ring.put(raw) if ring is not None else None
         if offset is not None:
             in_ring.append((offset, raw.size))
             table.append([dtype_name, list(arr.shape), 0, offset])

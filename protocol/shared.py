@@ -19,6 +19,25 @@ def inject_value(inject: list[str], name: str) -> str | None:
     return None
 
 
+NUMBER_INJECTS = {"adamw_eps": "adamw_eps:1e-8", "grad_scale": "grad_scale:1.01"}   # name -> an example
+
+
+def check_number_injects(inject: list[str]) -> None:
+    """Injects that carry a number (``adamw_eps:<eps>``, ``grad_scale:<factor>``) must carry a positive,
+    finite one: a bare ``grad_scale`` would otherwise be a silent no-op negative control, and
+    ``grad_scale:abc`` a worker error in the middle of a step. Called when the model loads."""
+    for item in inject:
+        head, _, rest = item.partition(":")
+        if head not in NUMBER_INJECTS:
+            continue
+        try:
+            value = float(rest)
+        except ValueError:
+            value = float("nan")
+        if not (0 < value < float("inf")):
+            raise InjectError(f"inject {item!r} needs a positive number (e.g. {NUMBER_INJECTS[head]})")
+
+
 class NoHooks:
     """``hooks: false`` in layer capture: the very same pass without any hook (the benchmark's baseline)."""
 

@@ -526,6 +526,17 @@ def test_replaying_a_container_whose_sublayer_already_failed_is_inherited_not_ow
         replay(rc, lm, block, {}, tol, set(), earlier=[own_input])
     with pytest.raises(Sent):
         replay(rc, lm, ln, {}, tol, set(), earlier=[block])
+    # backward: a block's gradient row comes before its sublayers' (they are in `earlier` as every other
+    # row), and its replay runs their forward too, so a failing forward sublayer row counts as well
+    bblock = Row("backward", "grad", "enc.layer.0", "enc.layer.0", "enc.layers.0", "Block", "Block", seq=20,
+                 passed=False)
+    bln = Row("backward", "grad", "enc.layer.0.LayerNorm", "enc.layer.0.LayerNorm", "enc.layers.0.norm1",
+              "LayerNorm", "LayerNorm", seq=25, passed=False)
+    for suspect in (bln, ln):
+        iso = replay(rc, lm, bblock, {}, tol, set(), earlier=[suspect])
+        assert iso["verdict"] == "inherited" and f"({suspect.phase})" in iso["why"], iso
+    with pytest.raises(Sent):   # the control: the block's forward output row is not inside it
+        replay(rc, lm, bblock, {}, tol, set(), earlier=[block])
 
 
 def test_a_named_row_is_resolved_the_same_way_by_the_live_stop_and_by_goto():

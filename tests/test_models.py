@@ -100,10 +100,13 @@ def test_builder_injects_are_checked_before_they_are_applied(tiny_bert, tmp_path
     bert = ["--torch-model", "bert", "--paddle-model", "bert", "--model-path", str(tiny_bert)]
     for item, says in (("ln_eps:x:1e-5", "is malformed (form: ln_eps:L:EPS"), ("gelu_tanh", "is malformed (form: gelu_tanh:L"),
                        ("ln_eps:5:1e-5", "the model has encoder layers 0..1"), ("ln_eps:0:-1", "must be in (0, 1e-3]"),
-                       ("ln_eps:0:0.1", "paddle's LayerNorm limit")):
+                       ("ln_eps:0:0.1", "paddle's LayerNorm limit"), ("grad_scale", "needs a positive number"),
+                       ("adamw_eps:abc", "needs a positive number (e.g. adamw_eps:1e-8)")):
         proc = run(tmp_path / item.replace(":", "_"), *bert, "--paddle-inject", item)
         assert proc.returncode == ExitCode.USAGE, (item, text(proc)[-3000:])
         assert says in " ".join(text(proc).split()), (item, text(proc)[-3000:])
+    proc = run(tmp_path / "torch_side", *bert, "--torch-inject", "grad_scale:")
+    assert proc.returncode == ExitCode.USAGE and "'grad_scale:' needs a positive number" in text(proc), text(proc)[-3000:]
     proc = run(tmp_path / "ok", *bert, "--paddle-inject", "ln_eps:1:1e-3")
     assert proc.returncode == ExitCode.DIVERGED, text(proc)[-3000:]
 

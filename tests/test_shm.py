@@ -352,8 +352,19 @@ def test_host_copy_without_ring_or_too_small_becomes_a_host_array(ring):
     np.testing.assert_array_equal(msg.body["t"], src)
     small = np.arange(10, dtype=np.int64)
     _, msg = roundtrip(writer, reader, {"t": _host_copy(small, calls)})
-    assert calls[-1] == ("host",) and reader.tensors == 0
+    assert calls[-1] == ("host",) and reader.tensors == 0 and writer.full == 0
     np.testing.assert_array_equal(msg.body["t"], small)
+
+
+def test_host_copy_without_room_goes_as_frames_counted_once(ring):
+    reader, writer = ring
+    held = [roundtrip(writer, reader, {"a": np.full(MIB // 4, i, np.float32)})[1] for i in range(4)]   # full
+    calls: list = []
+    src = np.arange(MIB // 4, dtype=np.float32)
+    frames, msg = roundtrip(writer, reader, {"t": _host_copy(src, calls)})
+    assert calls == [("host",)] and len(frames) == 2 and writer.full == 1   # one refusal, one count
+    np.testing.assert_array_equal(msg.body["t"], src)
+    assert len(held) == 4
 
 
 def test_host_copy_that_fails_frees_its_pages_and_names_the_op(ring):

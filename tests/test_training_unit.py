@@ -83,29 +83,26 @@ def test_dropout_calls_must_match_in_order_shape_and_mask():
     assert "2 dropout calls per forward, paddle 1" in compare_dropout_calls(t, t[:1], "shared")
 
 
-def test_perf_verdict_is_a_ratio_of_throughputs():
+def test_perf_verdict_is_the_ports_throughput_over_the_references():
     assert verdict(10.0, 8.0, 0.5) == (True, 0.8, "torch")
-    assert verdict(2.0, 8.0, 0.5) == (False, 0.25, "paddle")
+    assert verdict(10.0, 4.0, 0.5) == (False, 0.4, "torch")      # negative control: the port too slow
+    assert verdict(2.0, 8.0, 0.5) == (True, 4.0, "paddle")       # a faster port is no migration error
     assert verdict(0.0, 8.0, 0.0)[0] is False
 
 
-def test_perf_judge_uses_the_fastest_steps_only_when_a_busy_machine_fails_the_median():
+def test_perf_judge_never_passes_a_port_slow_on_most_steps():
     from coordinator.steps.perf import judge
     quiet = {"torch": np.array([0.10, 0.11, 0.10]), "paddle": np.array([0.15, 0.16, 0.15])}
     j = judge(quiet, {"torch": 4, "paddle": 4}, 0.5)
-    assert j["passed"] and j["basis"] == "median step" and not j["noisy"]
-    # torch's steps hit by load (0.75-7 s against a fastest 0.1 s): the median would say 0.15 < 0.5
+    assert j["passed"] and not j["noisy"] and abs(j["ratio"] - 0.10 / 0.15) < 1e-12
+    # torch hit by load: paddle/torch rises, so load on the reference cannot fail the port
     busy = {"torch": np.array([0.10, 0.75, 7.0, 0.9, 0.8]), "paddle": np.array([0.15, 0.2, 0.16, 0.15, 0.4])}
     j = judge(busy, {"torch": 4, "paddle": 4}, 0.5)
-    assert j["passed"] and j["basis"] == "fastest step" and j["noisy"] and j["spread"]["torch"] == 70.0
-    assert j["sps"]["torch"] == 40.0 and abs(j["ratio"] - 0.1 / 0.15) < 1e-12
-    # negative controls: a port truly 3x slower fails, quiet or busy (its fastest step is slow too)
-    slow = {"torch": np.array([0.10, 0.10, 0.11]), "paddle": np.array([0.30, 0.31, 0.30])}
-    j = judge(slow, {"torch": 4, "paddle": 4}, 0.5)
-    assert not j["passed"] and j["basis"] == "median step" and abs(j["ratio"] - 1 / 3) < 1e-12
-    slow_busy = {"torch": np.array([0.10, 0.5, 0.11]), "paddle": np.array([0.30, 0.9, 0.31])}
-    j = judge(slow_busy, {"torch": 4, "paddle": 4}, 0.5)
-    assert not j["passed"] and j["basis"] == "fastest step" and j["noisy"]
+    assert j["passed"] and j["noisy"] and j["spread"]["torch"] == 70.0
+    # negative controls: one fast step among slow ones, and a port that slows down step after step
+    for paddle in ([0.1] + [0.45] * 9, [0.1 * 1.25 ** i for i in range(10)]):
+        j = judge({"torch": np.full(10, 0.1), "paddle": np.array(paddle)}, {"torch": 4, "paddle": 4}, 0.5)
+        assert not j["passed"] and j["noisy"], (paddle, j)
 
 
 def test_backward_tensor_iterations_setting():

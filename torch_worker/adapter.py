@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from protocol.adapter import Adapter
+from protocol.shared import check_number_injects
 from protocol.codec import DTYPES, BFloat16, HostCopy
 
 
@@ -155,6 +156,7 @@ class TorchAdapter(*_MIXINS, Adapter):
     def op_load_model(self, body: dict, ctx: Any) -> dict:
         from . import models
         self.inject = list(body.get("inject") or [])
+        check_number_injects(self.inject)   # before the model loads: a malformed one is exit 2
         self.model, self.model_info = models.load(body, self.device)
         self.model.eval()
         return self.model_info

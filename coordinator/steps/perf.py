@@ -6,11 +6,12 @@ seeded batch of ``batch_size`` x ``perf_seq_len`` tokens, timed steps interleave
 sentences pad to, so the timing matches the training run being checked; on CPU, paddle 3.3.1
 is 4-7x slower than torch at 128 tokens but close at 32 — see docs/training.md). The sides run one after the other,
 never at once, whatever the schedule, so neither competes with the other for cores or
-a shared GPU. Verdict: slower/faster throughput >= ``perf_ratio`` (the guide only says
-"should be close"), from each side's median step. On a busy machine (a side's slowest step
-over ``NOISY`` times its fastest) a failing verdict is re-timed once with as many steps again,
-and then judged on each side's fastest step, the least disturbed; the message says so. Timings
-are informative; tests never assert on them.
+a shared GPU. Verdict: the port's throughput over the reference's, paddle/torch >= ``perf_ratio``
+(the guide only says "should be close"; a port faster than the original is no migration error),
+from each side's median step. On a busy machine (a side's slowest step over ``NOISY`` times its
+fastest) a failing verdict is re-timed once with as many steps again and judged on the medians of
+all of them; a failure then says the machine was busy. Never on the fastest steps alone: a port
+slow on most steps must fail. Timings are informative; tests never assert on them.
 """
 
 from __future__ import annotations
@@ -34,11 +35,11 @@ def batch(rc: RunContext) -> tuple[dict[str, np.ndarray], np.ndarray]:
 
 
 def verdict(torch_sps: float, paddle_sps: float, threshold: float) -> tuple[bool, float, str]:
-    """(passed, slower/faster ratio, which side is faster); a side with no throughput fails."""
+    """(passed, paddle/torch throughput ratio, which side is faster); a side with no throughput fails."""
     faster = "torch" if torch_sps >= paddle_sps else "paddle"
     if min(torch_sps, paddle_sps) <= 0:
         return False, 0.0, faster
-    ratio = min(torch_sps, paddle_sps) / max(torch_sps, paddle_sps)
+    ratio = paddle_sps / torch_sps
     return ratio >= threshold, ratio, faster
 
 
@@ -46,20 +47,13 @@ NOISY = 2.0   # a side's slowest step over its fastest above which the machine w
 
 
 def judge(times: dict[str, np.ndarray], samples: dict[str, int], threshold: float) -> dict:
-    """The verdict on step times: from the median steps when the timing is quiet or the median
-    passes; from the fastest steps when a side's times spread over ``NOISY`` x (a neighbour's load
-    lands on single steps of either side, and the fastest step is the one it missed)."""
+    """The verdict on each side's median step, and whether the timing was noisy (a side's slowest
+    step over ``NOISY`` x its fastest: load from elsewhere landed on single steps)."""
     spread = {n: float(t.max() / t.min()) if len(t) and t.min() > 0 else float("inf") for n, t in times.items()}
-    noisy = any(x > NOISY for x in spread.values())
     sps = {n: samples[n] / float(np.median(t)) if len(t) and np.median(t) > 0 else 0.0 for n, t in times.items()}
     passed, ratio, faster = verdict(sps["torch"], sps["paddle"], threshold)
-    basis = "median step"
-    if not passed and noisy:
-        sps = {n: samples[n] / float(t.min()) if len(t) and t.min() > 0 else 0.0 for n, t in times.items()}
-        passed, ratio, faster = verdict(sps["torch"], sps["paddle"], threshold)
-        basis = "fastest step"
-    return {"passed": passed, "ratio": ratio, "faster": faster, "sps": sps, "basis": basis,
-            "noisy": noisy, "spread": spread}
+    return {"passed": passed, "ratio": ratio, "faster": faster, "sps": sps,
+            "noisy": any(x > NOISY for x in spread.values()), "spread": spread}
 
 
 def run(rc: RunContext) -> StepResult:
@@ -107,13 +101,12 @@ def _run(rc: RunContext) -> StepResult:
     if retimed:
         worst = max(j["spread"], key=lambda n: j["spread"][n])
         rc.say(f"  the machine is busy ({worst}'s step times spread {j['spread'][worst]:.1f}x): "
-               f"{steps} more steps per side, then judged on each side's fastest step")
+               f"{steps} more steps per side, judged on the medians of all")
         j = time_steps()
     sides = {}
     for name in ("torch", "paddle"):
         r = info[name]
         sides[name] = _side(np.asarray(times[name], np.float64), int(r["samples"]), int(r.get("threads") or 0))
-        sides[name]["samples_per_s_judged"] = j["sps"][name]
         rc.say(f"  {name:6s} {sides[name]['samples_per_s']:8.2f} samples/s  "
                f"(median step {sides[name]['step_ms_median']:.1f} ms, fastest {min(times[name]) * 1000:.1f} ms)")
     t_sps, p_sps = j["sps"]["torch"], j["sps"]["paddle"]
@@ -124,13 +117,13 @@ def _run(rc: RunContext) -> StepResult:
                                            "step_s": np.asarray(sides["paddle"]["step_ms"]) / 1000})
     details = {"torch": sides["torch"], "paddle": sides["paddle"], "ratio": ratio, "faster": faster,
                "paddle_over_torch": p_sps / t_sps if t_sps > 0 else None, "threshold": thr,
-               "basis": j["basis"], "spread": j["spread"], "retimed": retimed,
+               "spread": j["spread"], "retimed": retimed,
                "warmup": warmup, "steps": steps, "batch": list(inputs["input_ids"].shape),
                "devices": {"torch": rc.opts.torch_device, "paddle": rc.opts.paddle_device},
                "dropout": "native (timing real training)", "schedule": "sequential (one side at a time)"}
-    msg = (f"paddle {p_sps:.2f} vs torch {t_sps:.2f} samples/s ({j['basis']}): {faster} faster, "
-           f"slower/faster = {ratio:.2f} {'>=' if passed else '<'} {thr:g}")
+    msg = (f"paddle {p_sps:.2f} vs torch {t_sps:.2f} samples/s (median step): {faster} faster, "
+           f"paddle/torch = {ratio:.2f} {'>=' if passed else '<'} {thr:g}")
     if j["noisy"] and not passed:
         msg += (f"; step times spread up to {max(j['spread'].values()):.1f}x: the machine was busy, so this may "
                 f"be load, not the port: run perf again on a quiet machine or with --threads 1 (docs/training.md)")
-    return StepResult("perf", passed, ratio, f"slower/faster >= {thr:g}", msg, [], details)
+    return StepResult("perf", passed, ratio, f"paddle/torch >= {thr:g}", msg, [], details)
