@@ -478,6 +478,40 @@ def test_an_ambiguous_name_part_says_which_layers_it_matches():
     assert dbg.find("1.fc") == 1 and out.getvalue() == ""     # unique: no note
 
 
+def test_continue_own_stops_at_a_failing_replay_and_ctrl_c_ends_the_session(monkeypatch):
+    """A replay that raises (a layer that cannot run alone) stops the walk at that row, logged; the
+    control: an inherited row before it is passed over. Ctrl-C (Interrupted) during a walk ends
+    the session as interrupted instead of printing an error and going on."""
+    from coordinator import layerdebug
+    from coordinator.errors import Interrupted
+    out = io.StringIO()
+    dbg = layerdebug.Debugger(rc=None, stdout=out)
+    dbg.rows = [Row("forward", "output", n, n, n, "Linear", seq=i, passed=(i == 0)) for i, n in enumerate("abcd")]
+    dbg.caps, dbg.inputs, dbg.labels, dbg.lmap = [], {}, None, None
+    dbg.fwd_tol = dbg.bwd_tol = LayerTolerance()
+    dbg.log = [{"command": "continue own"}]
+
+    def fake_replay(rc, lmap, row, *a, **k):
+        if row.key == "b":
+            return {"verdict": "inherited", "replay_norm_err": 1e-7}
+        raise RuntimeError("replay of c: no input recorded")
+    monkeypatch.setattr(layerdebug, "replay", fake_replay)
+    dbg._continue_own()
+    text = out.getvalue()
+    assert "row 2 b: inherited (run alone it agrees: 1.0e-07" in text
+    assert "cannot isolate this row: its replay failed: RuntimeError: replay of c" in text and dbg.pos == 2
+    assert [r["verdict"] for r in dbg.log[-1]["replays"]] == ["inherited", "error"]
+    assert ("forward", "b") in dbg.cleared
+
+    def interrupted(*a, **k):
+        raise Interrupted("Ctrl-C: stopping after the op in flight")
+    monkeypatch.setattr(layerdebug, "replay", interrupted)
+    dbg.stdin = io.StringIO("continue own\nwhere\n")
+    dbg.pos = 0
+    dbg.repl()
+    assert dbg.interrupted and "where" not in out.getvalue().rsplit("interrupted", 1)[1]
+
+
 def test_report_names_the_model_itself_and_drops_terminal_colour_codes(tmp_path):
     """The root module (name "") shows as <model> in report.html and layers.tsv, as on the
     terminal; a worker log's colour codes in the error do not reach the page as raw bytes."""
