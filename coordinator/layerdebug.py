@@ -16,7 +16,8 @@ import numpy as np
 
 from .compare import as_array
 from .layerdiff import ROOT_NAME, Row
-from .layerrun import capture, describe_first, layer_map, replay, seeded_labels, tolerances, top
+from .layerrun import (capture, describe_first, layer_map, own_walk, replay, seeded_labels, suspects, tolerances,
+                       top)
 from .layerview import LayerView, row_line
 from .errors import Interrupted, ProtocolMismatch, UsageError, WorkerDied, WorkerHung
 from .runner import RunContext, StepResult
@@ -267,7 +268,8 @@ class Debugger:
         tol = self.bwd_tol if r.phase == "backward" else self.fwd_tol
         executed = set().union(*(c.diff.executed for c in self.caps))
         iso = replay(self.rc, self.lmap, r, self.inputs, tol, executed,
-                     self.labels if r.phase == "backward" else None, earlier=self._suspects(self.pos))
+                     self.labels if r.phase == "backward" else None, earlier=self._suspects(self.pos),
+                     floor=self._floor(r.phase))
         if iso.get("verdict") == "inherited" and iso.get("replay_norm_err") is not None:
             self.cleared.add((r.phase, r.key))
         for c in iso.get("checks", []):
@@ -318,54 +320,42 @@ class Debugger:
         self.pos = len(self.rows) - 1
         return False
 
+    def _floor(self, phase: str) -> float:
+        """The live comparison's floor for ``phase``: replays judge near-zero tensors the same way."""
+        tol = self.bwd_tol if phase == "backward" else self.fwd_tol
+        return tol.floor_frac * max([c.diff.phase_scale.get(phase, 0.0) for c in self.caps] or [0.0])
+
     def _suspects(self, i: int) -> list[Row]:
-        """The rows a replay of row ``i``'s block must not run again (``replay``'s ``earlier``): the rows
-        before it, and for a backward row every other row (in backward, a block's gradient comes
-        before its sublayers', and its replay runs their forward too), less those a replay found
-        inherited."""
-        r = self.rows[i]
-        rows = self.rows[:i] if r.phase == "forward" else [e for j, e in enumerate(self.rows) if j != i]
-        return [e for e in rows if (e.phase, e.key) not in self.cleared]
+        forward = [e for e in self.rows if e.phase == "forward"]
+        return suspects(self.rows, i, self.cleared, forward if self.rows[i].phase == "backward" else None)
 
     def _continue_own(self) -> bool:
         """The next divergent row whose layer differs run alone on torch's input (a second bug
-        behind the first): every divergent row on the way is replayed, one line each. A row that
-        cannot be isolated stops the walk there, for the user to judge."""
+        behind the first): every divergent row on the way is replayed (``own_walk``), one line
+        each. A row whose replay fails stops the walk there, for the user to judge."""
         executed = set().union(*(c.diff.executed for c in self.caps))
         skipped, replays = 0, []
-        cleared = self.cleared   # rows found inherited: no longer a reason not to replay a block holding them
-        for i in range(self.pos + 1, len(self.rows)):
-            r = self.rows[i]
-            if r.passed:
-                continue
-            tol = self.bwd_tol if r.phase == "backward" else self.fwd_tol
-            try:
-                iso = replay(self.rc, self.lmap, r, self.inputs, tol, executed,
-                             self.labels if r.phase == "backward" else None, earlier=self._suspects(i))
-            except (Interrupted, WorkerDied, WorkerHung, ProtocolMismatch):
-                self.log[-1]["replays"] = replays
-                raise
-            except Exception as exc:   # this row's replay failed (a layer that cannot run alone): stop here
+        self.log[-1]["replays"] = replays
+        forward = [e for e in self.rows if e.phase == "forward"]
+        tol_for = lambda phase: self.bwd_tol if phase == "backward" else self.fwd_tol  # noqa: E731
+        for i, r, iso in own_walk(self.rc, self.lmap, self.rows, self.pos, self.inputs, tol_for, self.labels,
+                                  executed, self.cleared, forward, self._floor):
+            if isinstance(iso, Exception):   # this row's replay failed: stop here
                 replays.append({"row": r.key, "phase": r.phase, "verdict": "error"})
-                self.log[-1]["replays"] = replays
-                self.say(f"-- cannot isolate this row: its replay failed: {type(exc).__name__}: {str(exc)[:300]} "
+                self.say(f"-- cannot isolate this row: its replay failed: {type(iso).__name__}: {str(iso)[:300]} "
                          f"({skipped} inherited row(s) passed over) --")
                 self._move(i)
                 return False
             replays.append({"row": r.key, "phase": r.phase, "verdict": iso.get("verdict")})
             if iso.get("verdict") == "inherited":
-                if iso.get("replay_norm_err") is not None:   # shown to agree run alone, not assumed
-                    cleared.add((r.phase, r.key))
                 skipped += 1
                 self.say(f"  row {i + 1} {r.label}: inherited ({_short_why(iso)})")
                 continue
-            self.log[-1]["replays"] = replays
             head = "-- next own error --" if iso.get("verdict") == "own" else "-- cannot isolate this row; stopped --"
             self.say(f"{head} ({skipped} inherited row(s) passed over)")
             self._move(i)
             self.say(describe_first(r, iso).split("\n", 1)[-1])
             return False
-        self.log[-1]["replays"] = replays
         self.say(f"-- end of the compared rows: no further own error ({skipped} inherited row(s) passed over) --")
         self.pos = len(self.rows) - 1
         return False

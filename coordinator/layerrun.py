@@ -133,14 +133,17 @@ def fetch_torch(rc: RunContext, module: str, inputs: dict[str, np.ndarray], labe
 
 
 def replay(rc: RunContext, lmap: LayerMap, row: Row, inputs: dict[str, np.ndarray], tol: LayerTolerance,
-           executed: set[str], labels: np.ndarray | None = None, earlier: list[Row] | None = None) -> dict[str, Any]:
+           executed: set[str], labels: np.ndarray | None = None, earlier: list[Row] | None = None,
+           floor: float = 0.0) -> dict[str, Any]:
     """Run the row's layer alone on torch's input on both sides; classify own vs inherited.
 
     ``earlier``: the rows that must not be run again (forward: the rows before this one; backward:
     the forward rows and the other backward rows). A replayed container (the model itself, a block,
     the layer enclosing an input row) runs its sublayers again, so a difference it shows is the
     row's own only if none of its sublayers already failed; a backward replay also runs them
-    forward, so their forward rows count too."""
+    forward, so their forward rows count too. ``floor``: the live comparison's floor for the phase
+    (``LayerTolerance.floor_frac`` x the phase's largest tensor), so a tensor that is mathematically
+    zero (attention's key bias gradient, ~1e-10 of noise) is judged as the live row was."""
     pair, what = replay_target(lmap, row, executed)
     if pair is None:
         return {"verdict": "unknown", "why": f"cannot replay {row.label}: {what}"}
@@ -165,13 +168,13 @@ def replay(rc: RunContext, lmap: LayerMap, row: Row, inputs: dict[str, np.ndarra
     consumer = lmap.t2p[row.torch] if probe else None
     t = rc.session.request("torch", "replay", dict(body, module=pair.torch, probe=consumer.torch if probe else None))
     p = rc.session.request("paddle", "replay", dict(body, module=pair.paddle, probe=consumer.paddle if probe else None))
-    checks = _replay_checks(rc, pair, t, p, tol, backward)
+    checks = _replay_checks(rc, pair, t, p, tol, backward, floor)
     if probe and t.get("probe_input") is not None and p.get("probe_input") is not None:
         # the verdict is on the input itself: the functional code inside the replayed block
         probe_row = compare_row(Row("forward", "input", f"{row.torch or ROOT_NAME} <input> (inside the replayed "
                                     f"{pair.torch or ROOT_NAME})",
                                     row.torch, consumer.paddle, row.torch_type, row.paddle_type),
-                                t["probe_input"], p["probe_input"], tol)
+                                t["probe_input"], p["probe_input"], tol, floor)
         checks = [probe_row] + [c for c in checks]
         decisive = [probe_row]
     else:
@@ -217,17 +220,55 @@ def replay(rc: RunContext, lmap: LayerMap, row: Row, inputs: dict[str, np.ndarra
     return out
 
 
+def suspects(rows: list[Row], i: int, cleared: set[tuple[str, str]], forward_rows: list[Row] | None = None
+             ) -> list[Row]:
+    """What a replay of ``rows[i]``'s block must not run again (``replay``'s ``earlier``): the rows
+    before it, and for a backward row every other row of its phase plus the forward rows (in
+    backward, a block's gradient comes before its sublayers', and its replay runs them forward
+    too), less those a replay has shown to agree run alone (``cleared``: (phase, key))."""
+    r = rows[i]
+    pool = rows[:i] if r.phase == "forward" else (list(forward_rows or []) + [e for j, e in enumerate(rows) if j != i])
+    return [e for e in pool if (e.phase, e.key) not in cleared]
+
+
+def own_walk(rc: RunContext, lmap: LayerMap, rows: list[Row], start: int, inputs: dict[str, np.ndarray],
+             tol_for: Callable[[str], LayerTolerance], labels: np.ndarray | None, executed: set[str],
+             cleared: set[tuple[str, str]], forward_rows: list[Row] | None = None,
+             floor_for: Callable[[str], float] = lambda phase: 0.0):
+    """Replay each divergent row after ``rows[start]``, in order: yields (index, row, isolation), or
+    (index, row, exception) for a replay that failed (a layer that cannot run alone). A row shown
+    to agree run alone is added to ``cleared``, so a block holding only such rows is replayed
+    rather than assumed inherited. Ctrl-C and dead or hung workers propagate."""
+    from .errors import Interrupted, ProtocolMismatch, WorkerDied, WorkerHung
+    for i in range(start + 1, len(rows)):
+        r = rows[i]
+        if r.passed:
+            continue
+        try:
+            iso = replay(rc, lmap, r, inputs, tol_for(r.phase), executed,
+                         labels if r.phase == "backward" else None,
+                         earlier=suspects(rows, i, cleared, forward_rows), floor=floor_for(r.phase))
+        except (Interrupted, WorkerDied, WorkerHung, ProtocolMismatch):
+            raise
+        except Exception as exc:
+            yield i, r, exc
+            continue
+        if iso.get("verdict") == "inherited" and iso.get("replay_norm_err") is not None:
+            cleared.add((r.phase, r.key))
+        yield i, r, iso
+
+
 def _replay_checks(rc: RunContext, pair: LayerPair, t: dict, p: dict, tol: LayerTolerance,
-                   backward: bool) -> list[Row]:
+                   backward: bool, floor: float = 0.0) -> list[Row]:
     phase = "backward" if backward else "forward"
     checks = [compare_row(Row(phase, "output", f"{pair.torch or ROOT_NAME} (replay output)", pair.torch, pair.paddle,
-                              pair.torch_type, pair.paddle_type), t["output"], p["output"], tol)]
+                              pair.torch_type, pair.paddle_type), t["output"], p["output"], tol, floor)]
     if not backward:
         return checks
     if t.get("grad_input") is not None and p.get("grad_input") is not None:
         checks.append(compare_row(Row(phase, "grad", f"{pair.torch or ROOT_NAME} (replay input gradient)", pair.torch,
                                       pair.paddle, pair.torch_type, pair.paddle_type),
-                                  t["grad_input"], p["grad_input"], tol))
+                                  t["grad_input"], p["grad_input"], tol, floor))
     for local, g in (t.get("param_grads") or {}).items():
         full = f"{pair.torch}.{local}" if pair.torch else local
         for pname, parr, _ in rc.weight_map.convert_one(full, g):
@@ -235,7 +276,7 @@ def _replay_checks(rc: RunContext, pair: LayerPair, t: dict, p: dict, tol: Layer
             theirs = (p.get("param_grads") or {}).get(plocal)
             if theirs is not None:
                 checks.append(compare_row(Row(phase, "param_grad", f"param:{pname} (replay)", full, pname,
-                                              pair.torch_type, pair.paddle_type), parr, theirs, tol))
+                                              pair.torch_type, pair.paddle_type), parr, theirs, tol, floor))
     return checks
 
 

@@ -43,6 +43,8 @@ DEFAULTS: dict[str, Any] = {
     "weights_npy": True,        # weights: write weights_torch/paddle.npy (reprod_log's files: twice the model's
                                 # size, 180 MB for MiniLM); false: the diff log and model_state.pdparams only
     "layers_backward": True,    # layers: also one backward pass (activation + parameter gradients)
+    "layers_isolate": "first",  # layers: replay the first divergence (first) or every divergent row after it
+                                # too, reporting each layer that is wrong by itself (all: a second bug)
     "layer_map": None,          # layers: TOML overriding the automatic layer pairing ([[layer]] torch/paddle)
     "layers_hold_mib": 1024.0,  # layers: torch tensors held waiting for paddle's; beyond this, spilled to disk
                                 # (1024: BERT-base's backward, 717 MiB, stays in the worker's ring)
@@ -59,7 +61,8 @@ MINIMUM: dict[str, float] = {
     "train_log_every": 1, "perf_steps": 1, "perf_seq_len": 2, "metric_batches": 1, "metric_batch": 1,
 }
 POSITIVE = ("lr", "train_lr")   # a learning rate of 0 trains nothing: every update would trivially agree
-CHOICES: dict[str, tuple[str, ...]] = {"dropout": ("off", "shared", "native"), "lr_cosine": ("matched", "guide")}
+CHOICES: dict[str, tuple[str, ...]] = {"dropout": ("off", "shared", "native"), "lr_cosine": ("matched", "guide"),
+                                       "layers_isolate": ("first", "all")}
 SCHEDULES = ("linear", "cosine", "polynomial")
 
 

@@ -275,6 +275,12 @@ def _layers_section(step: dict[str, Any]) -> str:
         out.append(curve_svg(rows, _threshold(tol.get(phase)), f"{phase} layer error",
                              first.get("key") if first else None))
         out.append(_first_box(first, phase))
+        if "own_errors" in ph:   # layers_isolate=all: every later divergent row was replayed
+            errs = ph["own_errors"]
+            items = "".join(f"<li><code>{_e(_mod(e.get('label')))}</code> [{_e((e.get('row') or {}).get('torch_type'))}]"
+                            f" &mdash; {_e((e.get('isolation') or {}).get('why'))}</li>" for e in errs)
+            out.append(f"<div class='box'><b>{phase}: own errors after the first</b> (every divergent row "
+                       f"replayed): {len(errs) or 'none'}" + (f"<ul>{items}</ul>" if errs else "") + "</div>")
         ws, hs = stats.get("worker_seconds") or {}, stats.get("hook_seconds") or {}
         if ws:
             out.append(f"<p class='meta'>worker time torch {_num(ws.get('torch'), '.2f')} s (hooks "

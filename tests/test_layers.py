@@ -159,6 +159,31 @@ def test_debug_continue_own_finds_the_second_bug_behind_the_first(tmp_path):
     assert walks[0]["row"].endswith("layer.3.intermediate.intermediate_act_fn")
 
 
+@pytest.mark.timeout(300)
+def test_layers_isolate_all_reports_the_second_bug_in_both_phases(tmp_path):
+    """--param layers_isolate=all: every divergent row after the first is replayed (with the live
+    comparison's floor, so the key bias gradient's ~1e-10 of noise is no 'own error'); the
+    report names the tanh GELU of layer 3 as the one other own error, forward and backward, and
+    every other divergent row as inherited. The control: the default replays the first only."""
+    proc = real_run(["--steps", "layers", "--param", "layers_isolate=all", "--paddle-inject", "ln_eps:1:1e-5",
+                     "--paddle-inject", "gelu_tanh:3"], tmp_path / "all")
+    assert proc.returncode == ExitCode.DIVERGED, proc.stdout[-4000:] + proc.stderr[-2000:]
+    _, step = _layers(tmp_path / "all")
+    fwd, bwd = step["details"]["forward"], step["details"]["backward"]
+    assert fwd["first"]["torch"] == "bert.encoder.layer.1.attention.output.LayerNorm"
+    act = "bert.encoder.layer.3.intermediate.intermediate_act_fn"
+    assert [e["label"] for e in fwd["own_errors"]] == [act], [e["label"] for e in fwd["own_errors"]]
+    assert [e["label"] for e in bwd["own_errors"]] == [act], [e["label"] for e in bwd["own_errors"]]
+    assert f"1 more own error(s) after it: {act}" in step["message"]
+    assert "forward: after the first, " in proc.stdout and " inherited, 1 own error(s)" in proc.stdout
+    html = (tmp_path / "all" / "report.html").read_text()
+    assert html.count("own errors after the first</b>") == 2 and f"<code>{act}</code>" in html
+    proc = real_run(["--steps", "layers", "--param", "layers_backward=false", "--paddle-inject", "ln_eps:1:1e-5",
+                     "--paddle-inject", "gelu_tanh:3"], tmp_path / "first")
+    assert proc.returncode == ExitCode.DIVERGED
+    assert "own_errors" not in _layers(tmp_path / "first")[1]["details"]["forward"]
+
+
 @pytest.mark.timeout(240)
 def test_debug_ctrl_c_at_the_prompt_ends_as_interrupted_and_keeps_the_session(tmp_path):
     """Exit 130 with the session in summary.json and the report written (it used to go on at the prompt,

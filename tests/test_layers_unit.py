@@ -495,7 +495,8 @@ def test_continue_own_stops_at_a_failing_replay_and_ctrl_c_ends_the_session(monk
         if row.key == "b":
             return {"verdict": "inherited", "replay_norm_err": 1e-7}
         raise RuntimeError("replay of c: no input recorded")
-    monkeypatch.setattr(layerdebug, "replay", fake_replay)
+    from coordinator import layerrun
+    monkeypatch.setattr(layerrun, "replay", fake_replay)
     dbg._continue_own()
     text = out.getvalue()
     assert "row 2 b: inherited (run alone it agrees: 1.0e-07" in text
@@ -505,7 +506,7 @@ def test_continue_own_stops_at_a_failing_replay_and_ctrl_c_ends_the_session(monk
 
     def interrupted(*a, **k):
         raise Interrupted("Ctrl-C: stopping after the op in flight")
-    monkeypatch.setattr(layerdebug, "replay", interrupted)
+    monkeypatch.setattr(layerrun, "replay", interrupted)
     dbg.stdin = io.StringIO("continue own\nwhere\n")
     dbg.pos = 0
     dbg.repl()

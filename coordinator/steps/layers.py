@@ -11,7 +11,9 @@ labels, dropout off), ``layer_map`` (TOML override of the automatic pairing),
 ``layers_hold_mib`` (memory for tensors waiting for their counterpart; the rest spills to
 disk). Tolerances: ``--tolerance layers=rel:5e-6`` (forward) and
 ``layers.backward=rel:1e-4``, on max|diff| / max|torch| (see docs/layers.md).
-``--stop-at-first`` ends the run at the first divergent layer.
+``--stop-at-first`` ends the run at the first divergent layer. ``layers_isolate=all`` replays
+every divergent row after the first too and reports each layer that is wrong by itself (a
+second bug behind the first), as the debugger's ``continue own`` does.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 
 from ..errors import WorkerFailed
 from ..layerdiff import ROOT_NAME, Row
-from ..layerrun import capture, describe_first, layer_map, replay, seeded_labels, tolerances, top
+from ..layerrun import capture, describe_first, layer_map, own_walk, replay, seeded_labels, tolerances, top
 from ..layerview import LayerView
 from ..runner import RunContext, StepResult
 from .common import ensure_converted, gen_inputs
@@ -42,6 +44,7 @@ def run(rc: RunContext) -> StepResult:
     failures: list[str] = []
     with LayerView(rc.say) as view:
         fwd = capture(rc, lmap, inputs, fwd_tol, on_row=view.on_row, stop_at_first=stop)
+    fwd_rows = fwd.diff.ordered("forward")
     details["forward"] = _phase(rc, lmap, fwd, inputs, fwd_tol, None, failures)
     ran_backward = bool(rc.param("layers_backward")) and not (stop and failures)
     if ran_backward:
@@ -63,7 +66,7 @@ def run(rc: RunContext) -> StepResult:
             failures.append(f"backward: not compared, the pass failed in a worker ({hint}): "
                             f"{str(exc).splitlines()[0]}")
         else:
-            details["backward"] = _phase(rc, lmap, bwd, inputs, bwd_tol, labels, failures)
+            details["backward"] = _phase(rc, lmap, bwd, inputs, bwd_tol, labels, failures, fwd_rows)
     else:
         details["backward"] = {"skipped": "layers_backward is off" if not rc.param("layers_backward") else
                                "stopped at the first divergence (--stop-at-first)"}
@@ -91,8 +94,9 @@ def run(rc: RunContext) -> StepResult:
 
 
 def _phase(rc: RunContext, lmap: Any, cap: Any, inputs: dict, tol: Any, labels: Any,
-           failures: list[str]) -> dict[str, Any]:
-    """Summarize one capture; replay its first divergence; append failure messages."""
+           failures: list[str], forward_rows: list[Row] | None = None) -> dict[str, Any]:
+    """Summarize one capture; replay its first divergence (``layers_isolate=all``: and every
+    divergent row after it); append failure messages."""
     ld = cap.diff
     phase = "backward" if labels is not None else "forward"
     rows = ld.ordered(phase)
@@ -115,22 +119,52 @@ def _phase(rc: RunContext, lmap: Any, cap: Any, inputs: dict, tol: Any, labels: 
         else:
             failures.append(f"{phase}: no layer pair was compared; {said}")
     first: Row | None = ld.first.get(phase)
+    floor = tol.floor_frac * ld.phase_scale.get(phase, 0.0)   # as the live rows were judged
     if first is not None:
         f = first.to_json()
         f["top"] = top(ld.tensors(first), 5)
         try:
-            iso = replay(rc, lmap, first, inputs, tol, ld.executed, labels)
+            iso = replay(rc, lmap, first, inputs, tol, ld.executed, labels, floor=floor)
         except Exception as exc:  # isolation is a diagnosis: report, do not lose the comparison
             iso = {"verdict": "unknown", "why": f"replay failed: {type(exc).__name__}: {exc}"}
         f["isolation"] = iso
         out["first"] = f
         print(describe_first(first, iso), flush=True)   # unwrapped: names and advice stay on their lines
         verdict = {"own": "own error", "inherited": "inherited"}.get(iso.get("verdict"), "not isolated")
+        more = ""
+        if rc.param("layers_isolate") == "all":
+            out["own_errors"] = _all_own(rc, lmap, ld, rows, rows.index(first), inputs, tol, labels, forward_rows,
+                                         phase)
+            if out["own_errors"]:
+                more = (f"; {len(out['own_errors'])} more own error(s) after it: "
+                        + ", ".join(e["label"] for e in out["own_errors"][:5]))
         failures.insert(0 if phase == "forward" else len(failures),
                         f"first divergent layer ({phase}): {first.label} [{first.torch_type}] "
-                        f"({verdict}): {first.reason}")
+                        f"({verdict}): {first.reason}{more}")
     ld.close()
     return out
+
+
+def _all_own(rc: RunContext, lmap: Any, ld: Any, rows: list[Row], start: int, inputs: dict, tol: Any,
+             labels: Any, forward_rows: list[Row] | None, phase: str) -> list[dict[str, Any]]:
+    """``layers_isolate=all``: every divergent row after the first is replayed; the layers wrong by
+    themselves are returned (label, row, isolation), the rest counted in one line."""
+    found: list[dict[str, Any]] = []
+    counts: Counter = Counter()
+    rc.say(f"  isolating every divergent {phase} row after the first ({sum(1 for r in rows[start + 1:] if not r.passed)})"
+           f" ...")
+    floor = tol.floor_frac * ld.phase_scale.get(phase, 0.0)
+    for _i, r, iso in own_walk(rc, lmap, rows, start, inputs, lambda _ph: tol, labels, ld.executed, set(),
+                               forward_rows if phase == "backward" else None, lambda _ph: floor):
+        if isinstance(iso, Exception):
+            iso = {"verdict": "unknown", "why": f"replay failed: {type(iso).__name__}: {iso}"}
+        counts[iso.get("verdict")] += 1
+        if iso.get("verdict") in ("own", "unknown"):
+            found.append({"label": r.label, "row": r.to_json(), "isolation": iso})
+            print(describe_first(r, iso).replace("first divergent layer", "also divergent", 1), flush=True)
+    rc.say(f"  {phase}: after the first, {counts['inherited']} inherited, {counts['own']} own error(s)"
+           + (f", {counts['unknown']} not isolated" if counts["unknown"] else ""))
+    return found
 
 
 def _write_tsv(rc: RunContext, rows: list[dict[str, Any]]) -> None:
