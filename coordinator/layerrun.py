@@ -195,11 +195,12 @@ def replay(rc: RunContext, lmap: LayerMap, row: Row, inputs: dict[str, np.ndarra
                           f"({worst.what}) while every mapped layer inside agrees up to here: look at the code "
                           f"in the model's own forward() around {row.label} (operations between layers: "
                           f"reshapes, masks, scaling, functional calls)")
-        settings = {side: f"{mods.get(name, {}).get('type', '')}({mods.get(name, {}).get('settings', '')})"
-                    for side, mods, name in (("torch", lmap.torch_modules, pair.torch),
-                                             ("paddle", lmap.paddle_modules, pair.paddle))
-                    if isinstance(mods.get(name, {}).get("settings"), str) and mods[name]["settings"]}
-        if settings:   # the two layers' own settings (an epsilon, a flag): often the bug itself
+        settings = {}   # the two layers' own settings (an epsilon, a flag): often the bug itself
+        for side, mods, name in (("torch", lmap.torch_modules, pair.torch), ("paddle", lmap.paddle_modules, pair.paddle)):
+            mod = mods.get(name) or {}
+            if isinstance(mod.get("settings"), str) and mod["settings"]:
+                settings[side] = f"{mod.get('type', '')}({mod['settings']})"
+        if settings:
             out["settings"] = settings
         adv = advice_for(*_advice_keys(lmap, row, pair))
         if adv is None and row.what == "output" and lmap.torch_modules.get(pair.torch, {}).get("children"):

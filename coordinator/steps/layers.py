@@ -23,7 +23,8 @@ from typing import Any
 
 from ..errors import WorkerFailed
 from ..layerdiff import ROOT_NAME, Row
-from ..layerrun import capture, describe_first, layer_map, own_walk, replay, seeded_labels, tolerances, top
+from ..layerrun import (capture, describe_first, layer_map, own_walk, replay, seeded_labels, suspects, tolerances,
+                        top)
 from ..layerview import LayerView
 from ..runner import RunContext, StepResult
 from .common import ensure_converted, gen_inputs
@@ -124,7 +125,8 @@ def _phase(rc: RunContext, lmap: Any, cap: Any, inputs: dict, tol: Any, labels: 
         f = first.to_json()
         f["top"] = top(ld.tensors(first), 5)
         try:
-            iso = replay(rc, lmap, first, inputs, tol, ld.executed, labels, floor=floor)
+            iso = replay(rc, lmap, first, inputs, tol, ld.executed, labels, floor=floor,
+                         earlier=suspects(rows, rows.index(first), set(), forward_rows))
         except Exception as exc:  # isolation is a diagnosis: report, do not lose the comparison
             iso = {"verdict": "unknown", "why": f"replay failed: {type(exc).__name__}: {exc}"}
         f["isolation"] = iso
