@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from typing import Any
@@ -28,11 +29,23 @@ def to_numpy(t: torch.Tensor, copy: bool = True) -> Any:
     return t.numpy().copy() if copy else t.numpy()
 
 
-def _direct() -> bool:
-    """``LOCKSTEP_DIRECT_COPY``: ``1`` (default) a streamed tensor is copied by torch itself, once,
-    straight into the shared ring; ``0``: through a host numpy array (``.cpu()`` for a GPU tensor)
-    and numpy's copy into the ring, the older path (the benchmark's baseline)."""
-    return os.environ.get("LOCKSTEP_DIRECT_COPY", "1").strip() != "0"
+# ``LOCKSTEP_DIRECT_COPY``: ``1`` (default) a streamed tensor is copied by torch itself, once,
+# straight into the shared ring; ``0``: through a host numpy array (``.cpu()`` for a GPU tensor)
+# and numpy's copy into the ring, the older path (the benchmark's baseline). Read once: a hook
+# runs per layer.
+DIRECT = os.environ.get("LOCKSTEP_DIRECT_COPY", "1").strip() != "0"
+
+
+@functools.lru_cache(maxsize=None)
+def _np_dtype(dtype: torch.dtype) -> np.dtype | None:
+    """numpy's dtype for a torch dtype the wire carries, else None (bfloat16, complex, ...)."""
+    if dtype == torch.bfloat16:
+        return None
+    try:
+        d = torch.empty(0, dtype=dtype).numpy().dtype
+    except (TypeError, RuntimeError):
+        return None
+    return d if d.name in DTYPES else None
 
 
 DIRECT_COPIES = [0]   # tensors copied straight into the ring so far (the capture reply reports its share)
@@ -48,10 +61,8 @@ def to_wire(t: torch.Tensor) -> Any:
     copies). Measured in bench/RESULTS.md (layer capture). A tensor that goes as frames (no ring,
     too small, no room) is made a host array as before."""
     t = t.detach()
-    if not _direct() or t.dtype == torch.bfloat16:
-        return to_numpy(t, copy=False)
-    dtype = torch.empty(0, dtype=t.dtype).numpy().dtype
-    if dtype.name not in DTYPES:
+    dtype = _np_dtype(t.dtype) if DIRECT else None
+    if dtype is None:
         return to_numpy(t, copy=False)
 
     def fill(dst: np.ndarray) -> None:
