@@ -13,7 +13,6 @@ import click
 from .errors import ExitCode, LockstepError, UsageError
 
 
-
 def _console():
     """Rich output; into a file or a CI log (not a terminal) 160 columns wide instead of rich's
     80, so tables keep their notes. Plain lines are never wrapped (``soft_wrap``): paths, keys
@@ -85,7 +84,6 @@ def envs_check(env_set: str) -> None:
 def _parse_steps_all(text: str) -> tuple[list[str], bool]:
     """The step names, and whether they came from ``all`` (every step that exists)."""
     from .steps import STEPS
-    from .errors import UsageError
     names = [s.strip() for s in text.split(",") if s.strip()]
     unknown = [s for s in names if s not in STEPS and s != "all"]
     if not names:
@@ -102,7 +100,6 @@ def _unsupported(steps: list[str], from_all: bool, kw: dict) -> dict[str, str]:
     refused with exit 2, before anything is created, when asked for by name."""
     from types import SimpleNamespace
 
-    from .errors import UsageError
     from .modelspec import unsupported_steps
     skip = unsupported_steps(SimpleNamespace(torch_model=kw["torch_model"], paddle_model=kw["paddle_model"]), steps)
     if skip and not from_all:
@@ -154,7 +151,6 @@ def _worker_specs(opts, no_create: bool, say) -> dict:
 
 def _listen_keys(kw, say) -> dict | None:
     """``--listen``: refuse plaintext TCP off the host unless --insecure; load the server keys (never logged)."""
-    from .errors import UsageError
     from .security import check_transport, load_server_keys
     if not kw["listen"]:
         if kw["curve_keys"] or kw["insecure"]:
@@ -326,7 +322,6 @@ def _run_dir(given: Path | None) -> Path:
     """``--out`` (a directory that already holds a run gets a fresh ``HHMMSS`` one inside it,
     so no report is overwritten), else ``runs/<timestamp>``; made now, so that a path that
     cannot be a directory is a usage error naming it before any worker starts."""
-    from .errors import UsageError
     try:
         out = given if given is not None else Path("runs")
         if ":" in str(out.absolute()):   # the workers import lockstep from <run>/.site via PYTHONPATH
@@ -363,7 +358,6 @@ def _fresh_run_dir(base: Path) -> Path:
 
 def _parse_tolerances(items) -> dict:
     from .compare import Tolerance
-    from .errors import UsageError
     out = {}
     for item in items:
         step, _, rest = item.partition("=")
@@ -394,7 +388,6 @@ def _tolerance_keys() -> list[str]:
 
 
 def _parse_params(kw) -> dict:
-    from .errors import UsageError
     from .params import check, coerce, resolve
     over = {}
     for k in OPTION_PARAMS:   # --lr X is --param lr=X: the same checks
